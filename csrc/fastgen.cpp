@@ -1,0 +1,32 @@
+// fastgen._C: the one place where every op's schema is declared.
+// CPU kernels live in csrc/cpu/<op>.cpp and CUDA kernels in csrc/cuda/<op>.cu; each registers
+// its implementation with TORCH_LIBRARY_IMPL(fastgen, CPU|CUDA, m). The Python layer
+// (fastgen/ops/<op>.py) wraps these in autograd Functions and picks backends in
+// fastgen/_dispatch.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastgen, m) {
+  // ---- knn (csrc/cpu/knn.cpp) ----
+  // query [B, N, D] float32 contiguous, key [B, M, D] float32 contiguous, 1 <= k <= M.
+  // Returns (dist2 [B, N, k] float32 ascending, index [B, N, k] int64); exact: ties -> lowest index.
+  m.def("knn(Tensor query, Tensor key, int k) -> (Tensor, Tensor)");
+
+  // ---- gaussian_nll (csrc/cpu/gaussian_nll.cpp) ----
+  m.def("gaussian_nll(Tensor input, Tensor target, Tensor var, bool full, float eps, bool log_var, "
+        "float beta, int reduction, bool need_grad) -> (Tensor, Tensor, Tensor)");
+
+  // ---- spread_noise (csrc/cpu/spread_noise.cpp) ----
+  m.def("spread_noise(Tensor x, Tensor sigma, int kind, int seed, int offset) -> Tensor");
+  m.def("spread_noise_grad_sigma(Tensor grad_y, Tensor sigma, int kind, int seed, int offset) -> Tensor");
+}
+
+// fastgen._C is also a Python module so that `import fastgen._C` loads the library above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastgen compiled kernels; ops are exposed as torch.ops.fastgen.*";
+#ifdef FASTGEN_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

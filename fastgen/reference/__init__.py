@@ -1,0 +1,1 @@
+"""Plain-torch references of every op: the ground truth every backend is tested against."""
