@@ -20,6 +20,8 @@ def load_ext():
         _error = "disabled by FASTGEN_DISABLE_EXT=1"
         return None
     try:
+        import torch  # noqa: F401  (loads libc10 / libtorch that fastgen._C links against)
+
         return importlib.import_module("fastgen._C")
     except Exception as e:  # ImportError, OSError (undefined symbol, ABI mismatch), ...
         _error = f"fastgen._C not importable: {type(e).__name__}: {e}".strip()

@@ -1,0 +1,3 @@
+# PLACEHOLDER: being written; replaced before anything lands.
+def spread_noise(*args, **kwargs):
+    raise NotImplementedError("spread_noise")

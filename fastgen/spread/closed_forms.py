@@ -1,0 +1,3 @@
+# PLACEHOLDER
+def kl_two_deltas(*a, **k): raise NotImplementedError
+def kl_gaussians(*a, **k): raise NotImplementedError
