@@ -1,0 +1,49 @@
+"""`fastgen info`: what this machine can run, and why a backend is missing."""
+from __future__ import annotations
+
+import platform
+
+
+def info_lines() -> list[str]:
+    import torch
+
+    from . import __version__, _backend, _dispatch
+
+    lines = [f"fastgen {__version__}  python {platform.python_version()}  torch {torch.__version__}"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except Exception as e:
+        lines.append(f"triton: not available ({type(e).__name__})")
+    try:
+        import faiss
+
+        ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        lines.append(f"faiss {faiss.__version__} ({ngpu} GPU(s) visible to faiss)")
+    except Exception as e:
+        lines.append(f"faiss: not available ({type(e).__name__}: {e})")
+    ext = _backend.load_ext()
+    if ext is None:
+        lines.append(f"fastgen._C: not loaded: {_backend.ext_error()}")
+    else:
+        lines.append(f"fastgen._C: loaded ({'CPU + CUDA' if getattr(ext, 'with_cuda', False) else 'CPU'} kernels)")
+    cuda = torch.cuda.is_available()
+    lines.append(f"CUDA: {torch.cuda.get_device_name(0) if cuda else 'no CUDA device'}  "
+                 f"CPU threads: {torch.get_num_threads()}")
+    devices = ("cpu", "cuda")
+    lines.append("")
+    lines.append(f"{'op':<24}{'device':<8}{'backend':<9}status")
+    for op, dev, name, why in _dispatch.report(devices):
+        if dev == "cuda" and not cuda and why is None:
+            why = "no CUDA device on this machine"
+        status = "available" if why is None else f"missing: {why}"
+        lines.append(f"{op:<24}{dev:<8}{name:<9}{status}")
+    lines.append("")
+    lines.append("auto picks, on this machine's CPU: " + ", ".join(
+        f"{op}={_dispatch.select(op, 'auto', 'cpu')[0]}" for op in _dispatch.ORDER))
+    return lines
+
+
+def print_info() -> None:
+    print("\n".join(info_lines()))
