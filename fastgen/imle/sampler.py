@@ -1,0 +1,111 @@
+"""IMLESampler: the latent bookkeeping of an IMLE training loop (Li & Malik 2018), so that a
+user's loop only sees (latents, data indices) batches.
+
+Ke Li's reference defaults: a pool of 10 x the data, re-selection every 5 epochs
+(staleness), and a small Gaussian perturbation (std 0.01) of the selected latents between
+re-selections.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from .._validate import check_positive_int, check_tensor
+from .select import select_latents
+
+
+class IMLESampler:
+    """Holds one selected latent per data example and yields training batches.
+
+    Usage::
+
+        sampler = IMLESampler(gen, data, latent_dim=32)
+        for epoch in range(epochs):
+            for z, idx in sampler.epoch(batch_size=128):
+                loss = ((gen(z) - data[idx]) ** 2).flatten(1).sum(1).mean()
+                opt.zero_grad(); loss.backward(); opt.step()
+
+    Args:
+        generator: callable z [n, latent_dim] -> samples [n, ...].
+        data: [N, ...] float tensor (the examples; kept by reference).
+        latent_dim: size of one latent.
+        pool_factor: candidates per example at each re-selection (pool = pool_factor * N).
+        staleness: re-select every ``staleness`` epochs (the first call to :meth:`epoch`
+            always selects).
+        noise: std of the Gaussian perturbation added to each yielded latent between
+            re-selections (fresh noise per batch; the stored latents do not drift). 0 disables.
+        rejection_radius, feature_fn, latent_sampler, backend: passed to
+            :func:`fastgen.imle.select_latents`.
+        select_batch_size: chunk size of the re-selection (memory bound).
+        seed: seed of the sampler's own torch.Generator (pools, perturbations, shuffles).
+
+    Attributes after a selection: ``latents`` [N, latent_dim], ``dist2`` [N] (squared distance
+    from each example to its sample at selection time), ``epochs_seen``, ``selections``.
+    """
+
+    def __init__(self, generator: Callable, data: torch.Tensor, *, latent_dim: int, pool_factor: float = 10,
+                 staleness: int = 5, noise: float = 0.01, rejection_radius: float = 0.0,
+                 feature_fn: Callable | None = None, latent_sampler: Callable | None = None,
+                 select_batch_size: int | None = None, seed: int = 0, backend: str = "auto"):
+        check_tensor("data", data)
+        self.generator = generator
+        self.data = data
+        self.latent_dim = check_positive_int("latent_dim", latent_dim)
+        if isinstance(pool_factor, bool) or not isinstance(pool_factor, (int, float)) or pool_factor <= 0:
+            raise ValueError(f"pool_factor must be a number > 0, got {pool_factor!r}")
+        self.pool_size = max(1, int(round(pool_factor * data.shape[0])))
+        self.staleness = check_positive_int("staleness", staleness)
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
+            raise ValueError(f"noise must be a float >= 0, got {noise!r}")
+        self.noise = float(noise)
+        self.rejection_radius = rejection_radius
+        self.feature_fn = feature_fn
+        self.latent_sampler = latent_sampler
+        self.select_batch_size = select_batch_size
+        self.backend = backend
+        self.rng = torch.Generator(device=data.device)
+        self.rng.manual_seed(seed)
+        self.latents: torch.Tensor | None = None
+        self.dist2: torch.Tensor | None = None
+        self.epochs_seen = 0
+        self.selections = 0
+
+    def reselect(self) -> torch.Tensor:
+        """Run :func:`select_latents` over a fresh pool now; returns dist2 [N]."""
+        self.latents, self.dist2 = select_latents(
+            self.generator, self.data, pool_size=self.pool_size, latent_dim=self.latent_dim,
+            batch_size=self.select_batch_size, rejection_radius=self.rejection_radius,
+            feature_fn=self.feature_fn, latent_sampler=self.latent_sampler, rng=self.rng, backend=self.backend)
+        self.selections += 1
+        return self.dist2
+
+    def epoch(self, batch_size: int, *, shuffle: bool = True, drop_last: bool = False
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over the data: yields (latents [b, latent_dim], indices [b] int64).
+        Re-selects first when the staleness period has elapsed."""
+        check_positive_int("batch_size", batch_size)
+        if self.latents is None or self.epochs_seen % self.staleness == 0:
+            self.reselect()
+        self.epochs_seen += 1
+        N = self.data.shape[0]
+        dev = self.data.device
+        order = torch.randperm(N, generator=self.rng, device=dev) if shuffle else torch.arange(N, device=dev)
+        stop = N - N % batch_size if drop_last else N
+        for s in range(0, stop, batch_size):
+            idx = order[s:s + batch_size]
+            z = self.latents[idx]
+            if self.noise > 0:
+                z = z + self.noise * torch.randn(z.shape, generator=self.rng, device=dev, dtype=z.dtype)
+            yield z, idx
+
+    def state_dict(self) -> dict:
+        return {"latents": self.latents, "dist2": self.dist2, "epochs_seen": self.epochs_seen,
+                "selections": self.selections, "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.latents = state["latents"]
+        self.dist2 = state["dist2"]
+        self.epochs_seen = int(state["epochs_seen"])
+        self.selections = int(state["selections"])
+        self.rng.set_state(state["rng"])

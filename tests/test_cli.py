@@ -1,0 +1,71 @@
+"""Smoke tests of the command line: short runs that write the run folder."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fastgen import cli
+
+
+def test_train_grid_gmm_writes_run_folder(tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert cli.main(["train", "--method", "imle", "--data", "grid-gmm", "--epochs", "3", "--seed", "1",
+                     "--n-samples", "500", "--no-progress", "--out", str(out)]) == 0
+    for f in ("samples.png", "loss.png", "samples.npy", "metrics.json"):
+        assert (out / f).stat().st_size > 0, f
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 <= m["modes_covered"] <= 25 and m["n_modes"] == 25
+    assert 0.0 <= m["high_quality_fraction"] <= 1.0
+    assert m["config"]["epochs"] == 3 and m["config"]["seed"] == 1
+    x = np.load(out / "samples.npy")
+    assert x.shape == (500, 2) and x.dtype == np.float32
+    assert "modes_covered" in capsys.readouterr().out
+
+
+def test_tiny_digits_run(tmp_path):
+    out = tmp_path / "digits"
+    assert cli.main(["train", "--data", "digits", "--epochs", "2", "--pool-factor", "2", "--no-progress",
+                     "--out", str(out)]) == 0
+    for f in ("samples.png", "neighbours.png", "loss.png", "samples.npy", "metrics.json"):
+        assert (out / f).stat().st_size > 0, f
+    x = np.load(out / "samples.npy")
+    assert x.shape == (1000, 8, 8) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 16
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("precision", "recall", "class_coverage", "train_seconds"):
+        assert key in m and key in m["gaussian_mixture"] or key == "train_seconds"
+    assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and 0 <= m["class_coverage"] <= 10
+    assert m["config"]["pool_factor"] == 2
+    g = m["gaussian_mixture"]
+    assert g["precision"] > 0.85 and g["class_coverage"] == 10      # the baseline is a real model
+
+
+def test_demo_name_and_runs_dir(tmp_path, monkeypatch):
+    calls = {}
+
+    def fake_run(method, data, out, **kw):
+        calls.update(method=method, data=data, out=out, **kw)
+        return {"data": "digits", "precision": 1.0, "recall": 1.0, "class_coverage": 10, "train_seconds": 0.0}
+
+    monkeypatch.setattr(cli, "run", fake_run)
+    assert cli.main(["demo", "--name", "x", "--runs-dir", str(tmp_path), "--epochs", "7"]) == 0
+    assert calls["method"] == "imle" and calls["data"] == "digits" and calls["epochs"] == 7
+    assert calls["out"] == os.path.join(str(tmp_path), "x")
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "mnist"],
+    ["train", "--method", "gan"],
+    ["train", "--epochs", "0"],
+    ["demo", "--n-samples", "3"],
+])
+def test_bad_arguments_exit(argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code != 0
+
+
+def test_info(capsys):
+    pytest.importorskip("fastgen._info")
+    assert cli.main(["info"]) == 0
+    assert "torch" in capsys.readouterr().out
