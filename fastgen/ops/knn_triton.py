@@ -1,0 +1,602 @@
+"""Triton backend of :func:`fastgen.knn`: exact k nearest neighbours at tensor-core speed.
+
+Pipeline (every stage on the device; no host synchronisation apart from autotuning):
+
+1. **Centre and round** (``_center_kernel``). The key mean ``mu`` (per batch) is subtracted
+   from queries and keys (distances are shift-invariant; the shift removes the cancellation
+   of ``|q|^2 - 2 q.k + |k|^2`` for data far from the origin). The centred rows ``x'`` are
+   rounded to the precision of the candidate pass (TF32 for fp32 inputs, bf16 for fp16 /
+   bf16 inputs; round to nearest, relative error ``eps`` = 2^-11 or 2^-9) and written,
+   zero-padded, to ``qc [B, Np, Dp]`` / ``kc [B, Mp, Dp]`` with two fp32 squared norms per
+   row: of the rounded row ``x~`` and of the unrounded centred row ``x'``.
+2. **Tier 1: candidate pass** (``_candidates_kernel``). Tiles of query x key dot products on
+   tensor cores (``tl.dot``); never an N x M matrix in memory. Per pair one FMA forms
+   ``v_ij = |k~_j|^2 (1 - alpha) - 2 <q~_i, k~_j>``, so that
+   ``L_ij = v_ij + |q~_i|^2 (1 - alpha) <= |q~_i - k~_j|^2`` (alpha bounds the fp32
+   accumulation, worst case, and the norms: :func:`_error_coefficients`). A running top-C of
+   ``v`` per query (C = next power of two >= k + 3) is kept in registers; a key enters when
+   ``v`` is below the current C-th value. Small ``B * N`` with large M splits M across
+   programs (grid axis 1) and merges the partial top-C lists (``torch.topk``).
+3. **Exact re-rank** (``_rerank_kernel``) of the C candidates by float64 direct differences of
+   the *original* inputs, then a sort by (distance, index): ties go to the lowest index.
+4. **Certificate.** Every key outside the candidate set has ``L >= T`` (T = the C-th value).
+   Since ``|q - k| >= |q~ - k~| - rho_q - rho_k`` with ``rho_x = (eps + 2u) |x'|`` (the
+   rounding of the centred rows, in the distance domain), every excluded key has exact
+   squared distance ``>= lb = (sqrt(max(T + |q~|^2 (1 - alpha), 0)) - rho_q - max_j rho_kj)^2``.
+   If ``lb`` is strictly above the k-th exact distance, the k neighbours are exact; else the
+   query is flagged for
+5. **Tier 2** (``_scan_kernel``, TIER=2): flagged queries only, top-C over all M keys by
+   fp32 *direct differences* (no cancellation: relative error <= (D + 4) u), re-ranked in
+   float64, certified with the relative bound; what still fails (ties or near-ties at the k-th
+   position beyond C - k + 1 keys) goes to
+6. **Tier 3** (``_scan_kernel``, TIER=3): float64 direct differences, lexicographic
+   (distance, index) top-k over all M keys. Tiers 2 and 3 run over every query block, and a
+   block without a flagged query returns at once: no host sync, no compaction. They use CUDA
+   cores, so they are much slower than tier 1 per query: tier 1 certifies nearly all queries
+   of generic data (random, real features); clustered data whose neighbour gaps are below
+   TF32 resolution relative to the data's extent (e.g. std 1e-2 clusters with unit-scale
+   centres) is handled by tier 2 at fp32 CUDA-core speed, exact.
+
+Output ``dist2`` is the float64 exact value rounded to float32 (accurate to fp32 rounding
+of the exact squared distance); ``index`` is int64. Memory is O((N + M) D) (the centred
+copies) plus O(N C) for candidates. Inputs with |x| above ~1e18 (squares overflow fp32) are
+outside the supported range.
+
+Performance knobs (autotuned on CUDA over tile sizes, warps and stages, keyed on D, C and
+coarse N, M buckets; a single small config under ``TRITON_INTERPRET=1``). Private keyword
+arguments of :func:`knn_triton`, for tests and tuning: ``_n_candidates`` (C, a power of two
+>= k), ``_split`` (number of M splits), ``_precision`` ("tf32" | "bf16"), ``_tiers``
+(return the tier that finished each query).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # triton is optional: `import fastgen` must work without it
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+from .. import _dispatch
+
+__all__ = ["knn_triton", "default_candidates"]
+
+_U32 = 2.0 ** -24  # unit roundoff of float32 (round to nearest)
+_U64 = 2.0 ** -53
+# relative error of rounding a centred fp32 value to the candidate-pass operand type
+# (round to nearest: half an ulp of a 10-bit / 7-bit fraction)
+_EPS_OP = {"tf32": 2.0 ** -11, "bf16": 2.0 ** -9}
+_ROUND_MODE = {"tf32": 1, "bf16": 2}
+_MAX_C = 128
+_PAD_ROWS = 128  # query / key rows are padded to a multiple of this (>= every BLOCK_N / BLOCK_M)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_d(D: int) -> int:
+    if D <= 128:
+        return max(16, _next_pow2(D))
+    return _cdiv(D, 64) * 64
+
+
+def default_candidates(k: int) -> int:
+    """C, the number of candidates kept per query by tier 1: next power of two >= k + 3."""
+    return min(_MAX_C, _next_pow2(k + 3))
+
+
+def _error_coefficients(Dp: int) -> float:
+    """alpha with |L_computed - |q~ - k~|^2| <= alpha (|q~|^2 + |k~|^2) before the alpha term.
+
+    Products of TF32 / bf16 operands are exact in fp32. The dot's fp32 accumulation over Dp
+    terms errs by at most Dp ulp-steps of the running sum, bounded by sum_d |q~_d k~_d| <=
+    (|q~|^2 + |k~|^2) / 2; we allow 2^-22 per step (one bit less than a truncating fp32
+    adder, as a margin for tensor cores), doubled for the factor 2 of -2 q.k. The fp32 norms
+    of the rounded rows (exact squares) err by Dp u, the epilogue by a few u. Safety x1.25."""
+    return 1.25 * ((Dp + 4) * 2.0 ** -22 + (Dp + 8) * _U32)
+
+
+def _direct_beta(D: int) -> float:
+    """Relative error bound of an fp32 sum of D squared fp32 differences (no cancellation)."""
+    return 1.25 * (D + 4) * _U32
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _center_kernel(X, MU, XC, NR2, NU2,
+                       R, D, Rp, n_rblocks,
+                       s_xb, s_xr, s_xd, s_mub,
+                       ROUND: tl.constexpr, Dp: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """xc = round(x - mu), zero padded to [Rp, Dp]; nr2 = |xc|^2 (rounded rows), nu2 =
+        |x - mu|^2 (unrounded centred rows), both in fp32."""
+        pid = tl.program_id(0)
+        b = pid // n_rblocks
+        rb = pid % n_rblocks
+        b64 = b.to(tl.int64)
+        rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        rows64 = rows.to(tl.int64)
+        x_base = X + b64 * s_xb + rows64[:, None] * s_xr
+        c_base = XC + (b64 * Rp + rows64[:, None]) * Dp
+        acc_u = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc_r = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for d0 in range(0, Dp, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            m2 = rmask[:, None] & dm[None, :]
+            x = tl.load(x_base + d[None, :].to(tl.int64) * s_xd, mask=m2, other=0.0).to(tl.float32)
+            mu = tl.load(MU + b64 * s_mub + d, mask=dm, other=0.0)
+            xc = tl.where(m2, x - mu[None, :], 0.0)
+            acc_u += tl.sum(xc * xc, axis=1)
+            if ROUND == 1:  # to TF32 (10-bit fraction), round half away from zero
+                bits = xc.to(tl.int32, bitcast=True)
+                xc = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+            elif ROUND == 2:  # to bf16 (7-bit fraction), round half to even
+                bits = xc.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                xc = bits.to(tl.float32, bitcast=True)
+            acc_r += tl.sum(xc * xc, axis=1)
+            tl.store(c_base + d[None, :], xc.to(XC.dtype.element_ty))
+        tl.store(NR2 + b64 * Rp + rows, acc_r)
+        tl.store(NU2 + b64 * Rp + rows, acc_u)
+
+    @triton.jit
+    def _candidates_kernel(QC, KC, KCOL, OUT_V, OUT_I,
+                           M, N, m_chunk, Np, Mp, S_OS, S_OB,
+                           NB, MB,  # coarse size buckets: autotune key only
+                           Dp: tl.constexpr, C: tl.constexpr, DOT_PREC: tl.constexpr,
+                           Q_RESIDENT: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Tier 1: running top-C of v_ij = kcol_j - 2 <qc_i, kc_j> over the keys
+        [s * m_chunk, min(M, (s + 1) * m_chunk)) of split s = program_id(1)."""
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        n_qblocks = tl.cdiv(N, BLOCK_N)
+        b = pid // n_qblocks
+        qb = pid % n_qblocks
+        b64 = b.to(tl.int64)
+        offs_n = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        cols_m = tl.arange(0, BLOCK_M)
+        cols_c = tl.arange(0, C)
+        q_ptrs = QC + (b64 * Np + offs_n.to(tl.int64)[:, None]) * Dp + offs_d[None, :]
+        if Q_RESIDENT:
+            q = tl.load(q_ptrs)
+        m_start = s * m_chunk
+        m_end = tl.minimum(m_start + m_chunk, M)
+        vals = tl.full([BLOCK_N, C], float("inf"), tl.float32)
+        idxs = tl.full([BLOCK_N, C], -1, tl.int32)
+        T = tl.full([BLOCK_N], float("inf"), tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + cols_m
+            k_ptrs = KC + (b64 * Mp + offs_m.to(tl.int64)[:, None]) * Dp + offs_d[None, :]
+            if Q_RESIDENT:
+                kt = tl.load(k_ptrs)
+                acc = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC, out_dtype=tl.float32)
+            else:
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                qp = q_ptrs
+                for _d0 in range(0, Dp, BLOCK_D):
+                    a = tl.load(qp)
+                    kt = tl.load(k_ptrs)
+                    acc = tl.dot(a, tl.trans(kt), acc, input_precision=DOT_PREC, out_dtype=tl.float32)
+                    qp += BLOCK_D
+                    k_ptrs += BLOCK_D
+            kcol = tl.load(KCOL + b64 * Mp + offs_m)  # +inf on padded keys
+            v = kcol[None, :] - 2.0 * acc
+            tmin = tl.min(v, axis=1)
+            need = tl.max((tmin < T).to(tl.int32), axis=0)
+            while need > 0:  # insert the tile's smallest entries below the C-th value
+                x, xi = tl.min(v, axis=1, return_indices=True)
+                ins = x < T
+                _tm, p = tl.max(vals, axis=1, return_indices=True)
+                sel = ins[:, None] & (cols_c[None, :] == p[:, None])
+                vals = tl.where(sel, x[:, None], vals)
+                idxs = tl.where(sel, (m0 + xi)[:, None], idxs)
+                v = tl.where(cols_m[None, :] == xi[:, None], float("inf"), v)
+                T = tl.max(vals, axis=1)
+                tmin = tl.min(v, axis=1)
+                need = tl.max((tmin < T).to(tl.int32), axis=0)
+        o = s.to(tl.int64) * S_OS + b64 * S_OB + offs_n.to(tl.int64)[:, None] * C + cols_c[None, :]
+        tl.store(OUT_V + o, vals)
+        tl.store(OUT_I + o, idxs)
+
+    @triton.jit
+    def _rerank_kernel(Q, K, IDX, OUT, N, D, n_blocks,
+                       s_qb, s_qn, s_qd, s_kb, s_km, s_kd, s_ib, s_in, s_ic,
+                       C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """OUT[b, n, c] = sum_d (q[b,n,d] - k[b,idx[b,n,c],d])^2 in float64 (+inf for idx < 0)."""
+        pid = tl.program_id(0)
+        b = pid // n_blocks
+        nb = pid % n_blocks
+        b64 = b.to(tl.int64)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        cols = tl.arange(0, C)
+        idx = tl.load(IDX + b64 * s_ib + offs_n.to(tl.int64)[:, None] * s_in + cols[None, :] * s_ic,
+                      mask=nmask[:, None], other=-1)
+        valid = idx >= 0
+        krow = tl.where(valid, idx, 0).to(tl.int64)
+        q_base = Q + b64 * s_qb + offs_n.to(tl.int64)[:, None] * s_qn
+        k_base = K + b64 * s_kb + krow[:, :, None] * s_km
+        acc = tl.zeros([BLOCK_N, C], dtype=tl.float64)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            d64 = d.to(tl.int64)
+            qv = tl.load(q_base + d64[None, :] * s_qd, mask=nmask[:, None] & dm[None, :], other=0.0)
+            kv = tl.load(k_base + d64[None, None, :] * s_kd,
+                         mask=valid[:, :, None] & dm[None, None, :], other=0.0)
+            diff = qv.to(tl.float64)[:, None, :] - kv.to(tl.float64)
+            acc += tl.sum(diff * diff, axis=2)
+        acc = tl.where(valid, acc, float("inf"))
+        tl.store(OUT + (b64 * N + offs_n.to(tl.int64)[:, None]) * C + cols[None, :], acc,
+                 mask=nmask[:, None])
+
+    @triton.jit
+    def _scan_kernel(Q, K, FLAG, OUT_D, OUT_I, N, M, D, k, n_blocks,
+                     s_qb, s_qn, s_qd, s_kb, s_km, s_kd, beta, tiny,
+                     TIER: tl.constexpr, ACC: tl.constexpr, KP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Tiers 2 and 3: brute force over all M keys by direct differences for the queries of
+        this block whose FLAG is TIER - 1; a block without one does nothing.
+
+        A running lexicographic (distance, index) top-KP is kept per query. TIER 3 (ACC =
+        float64, KP >= k live slots) writes the exact top-k. TIER 2 (ACC = float32, KP = C
+        slots) re-ranks its C candidates in float64, writes the top-k, and sets FLAG to 0 when
+        the relative bound certifies them (excluded keys: exact >= T (1 - beta) - tiny), else
+        to 2."""
+        pid = tl.program_id(0)
+        b = pid // n_blocks
+        nb = pid % n_blocks
+        b64 = b.to(tl.int64)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        flags = tl.load(FLAG + b64 * N + offs_n, mask=nmask, other=0)
+        active = nmask & (flags == TIER - 1)
+        if tl.max(active.to(tl.int32), axis=0) > 0:
+            cols = tl.arange(0, KP)
+            cols_m = tl.arange(0, BLOCK_M)
+            if TIER == 3:
+                live = cols[None, :] < k  # slots >= k are unused
+            else:
+                live = cols[None, :] >= 0
+            vals = tl.full([BLOCK_N, KP], float("inf"), ACC)
+            idxs = tl.zeros([BLOCK_N, KP], dtype=tl.int32) + (M + cols)[None, :]  # distinct sentinels
+            q_base = Q + b64 * s_qb + offs_n.to(tl.int64)[:, None] * s_qn
+            # lexicographic max (T, iT) of the live slots, and its slot p
+            T = tl.max(tl.where(live, vals, -float("inf")), axis=1)
+            atT = live & (vals == T[:, None])
+            iT = tl.max(tl.where(atT, idxs, -1), axis=1)
+            p = tl.max(tl.where(atT & (idxs == iT[:, None]), cols[None, :], -1), axis=1)
+            for m0 in range(0, M, BLOCK_M):
+                offs_m = m0 + cols_m
+                mm = offs_m < M
+                k_base = K + b64 * s_kb + offs_m.to(tl.int64)[None, :, None] * s_km
+                v = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + tl.arange(0, BLOCK_D)
+                    dm = d < D
+                    d64 = d.to(tl.int64)
+                    qv = tl.load(q_base + d64[None, :] * s_qd, mask=nmask[:, None] & dm[None, :], other=0.0)
+                    kv = tl.load(k_base + d64[None, None, :] * s_kd,
+                                 mask=mm[None, :, None] & dm[None, None, :], other=0.0)
+                    diff = qv.to(ACC)[:, None, :] - kv.to(ACC)
+                    v += tl.sum(diff * diff, axis=2)
+                v = tl.where(mm[None, :] & active[:, None], v, float("inf"))
+                better = (v < T[:, None]) | ((v == T[:, None]) & (offs_m[None, :] < iT[:, None]))
+                better = better & (v < float("inf"))
+                need = tl.max(tl.max(better.to(tl.int32), axis=1), axis=0)
+                while need > 0:
+                    x, xi = tl.min(v, axis=1, return_indices=True)  # lowest index among equal values
+                    j = m0 + xi
+                    ins = (x < float("inf")) & ((x < T) | ((x == T) & (j < iT)))
+                    sel = ins[:, None] & (cols[None, :] == p[:, None])
+                    vals = tl.where(sel, x[:, None], vals)
+                    idxs = tl.where(sel, j[:, None], idxs)
+                    v = tl.where(cols_m[None, :] == xi[:, None], float("inf"), v)
+                    T = tl.max(tl.where(live, vals, -float("inf")), axis=1)
+                    atT = live & (vals == T[:, None])
+                    iT = tl.max(tl.where(atT, idxs, -1), axis=1)
+                    p = tl.max(tl.where(atT & (idxs == iT[:, None]), cols[None, :], -1), axis=1)
+                    better = (v < T[:, None]) | ((v == T[:, None]) & (offs_m[None, :] < iT[:, None]))
+                    better = better & (v < float("inf"))
+                    need = tl.max(tl.max(better.to(tl.int32), axis=1), axis=0)
+            if TIER == 2:
+                # exact float64 re-rank of the KP candidates (sentinel slots -> +inf)
+                valid = idxs < M
+                krow = tl.where(valid, idxs, 0).to(tl.int64)
+                kc_base = K + b64 * s_kb + krow[:, :, None] * s_km
+                ex = tl.zeros([BLOCK_N, KP], dtype=tl.float64)
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + tl.arange(0, BLOCK_D)
+                    dm = d < D
+                    d64 = d.to(tl.int64)
+                    qv = tl.load(q_base + d64[None, :] * s_qd, mask=nmask[:, None] & dm[None, :], other=0.0)
+                    kv = tl.load(kc_base + d64[None, None, :] * s_kd,
+                                 mask=valid[:, :, None] & dm[None, None, :], other=0.0)
+                    diff = qv.to(tl.float64)[:, None, :] - kv.to(tl.float64)
+                    ex += tl.sum(diff * diff, axis=2)
+                ex = tl.where(valid, ex, float("inf"))
+                t_c = tl.max(vals, axis=1).to(tl.float64)  # the C-th fp32 value (+inf: all keys kept)
+            else:
+                ex = vals.to(tl.float64)
+            # emit k results in (distance, index) order
+            o_base = (b64 * N + offs_n.to(tl.int64)) * k
+            big = M + KP
+            alive = live
+            ek = tl.zeros([BLOCK_N], dtype=tl.float64)
+            for c in range(0, k):
+                x = tl.min(tl.where(alive, ex, float("inf")), axis=1)
+                atx = alive & (ex == x[:, None])
+                ix = tl.min(tl.where(atx, idxs, big), axis=1)
+                tl.store(OUT_D + o_base + c, x, mask=active)
+                tl.store(OUT_I + o_base + c, ix.to(tl.int64), mask=active)
+                alive = alive & ~(atx & (idxs == ix[:, None]))
+                ek = x
+            if TIER == 2:
+                lb = t_c * (1.0 - beta) - tiny
+                ok = lb > ek * (1.0 + (D + 8) * 2.220446049250313e-16)
+                tl.store(FLAG + b64 * N + offs_n, tl.where(ok, 0, 2).to(tl.int32), mask=active)
+
+
+# ----------------------------------------------------------------------------------------
+# configurations
+
+
+def _cand_configs(Dp: int, C: int, elt_bytes: int) -> list:
+    """Autotune space of the tier-1 candidate pass for padded dimension Dp (CUDA)."""
+    max_bn = 128 if C <= 16 else (64 if C <= 32 else 32)
+    tiles = [(128, 128, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4), (32, 64, 4), (16, 64, 4)]
+    out = []
+    if Dp <= 128:  # the query tile stays in registers / shared memory across key tiles
+        for bn, bm, w in tiles:
+            if bn > max_bn:
+                continue
+            for st in (2, 3, 4):
+                if bn * bm >= 128 * 128 and st == 4:
+                    continue
+                out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=Dp, Q_RESIDENT=True),
+                                         num_warps=w, num_stages=st))
+    else:
+        bds = (32, 64) if elt_bytes == 4 else (64, 128)
+        for bn, bm, w in tiles[:5]:
+            if bn > max_bn:
+                continue
+            for bd in bds:
+                if Dp % bd:
+                    continue
+                for st in (3, 4):
+                    out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, Q_RESIDENT=False),
+                                             num_warps=w, num_stages=st))
+    return out
+
+
+def _interp_config(Dp: int, C: int) -> dict:
+    bd = Dp if Dp <= 64 else 64
+    return dict(BLOCK_N=32 if C <= 32 else 16, BLOCK_M=32, BLOCK_D=bd, Q_RESIDENT=(bd >= Dp))
+
+
+@functools.lru_cache(maxsize=None)
+def _cand_tuner(Dp: int, C: int, elt_bytes: int):
+    return triton.autotune(configs=_cand_configs(Dp, C, elt_bytes), key=["NB", "MB"])(_candidates_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _choose_split(B: int, N: int, M: int, device: torch.device) -> int:
+    """Split M across programs when B * N alone cannot fill the GPU (2 programs per SM)."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    progs = B * _cdiv(N, 128)
+    if progs >= target:
+        return 1
+    return max(1, min(_cdiv(target, progs), M // 2048))
+
+
+# ----------------------------------------------------------------------------------------
+# the registered implementation
+
+
+def _center(x: torch.Tensor, mu: torch.Tensor, Rp: int, Dp: int, precision: str, buf_dtype):
+    B, R, D = x.shape
+    xc = torch.empty((B, Rp, Dp), dtype=buf_dtype, device=x.device)
+    nr2 = torch.empty((B, Rp), dtype=torch.float32, device=x.device)
+    nu2 = torch.empty((B, Rp), dtype=torch.float32, device=x.device)
+    block_r = 32
+    block_d = min(Dp, 64)  # divides Dp
+    n_rblocks = Rp // block_r
+    _center_kernel[(B * n_rblocks,)](
+        x, mu, xc, nr2, nu2, R, D, Rp, n_rblocks,
+        x.stride(0), x.stride(1), x.stride(2), mu.stride(0),
+        ROUND=_ROUND_MODE[precision], Dp=Dp, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    return xc, nr2, nu2
+
+
+def _scan(tier, query, key, flags, d_out, i_out, k, C, interp):
+    B, N, D = query.shape
+    M = key.shape[1]
+    if tier == 2:
+        acc, kp = tl.float32, C
+        bn, bm, bd = (32, 32, 8) if not interp else (32, 64, min(32, max(16, _next_pow2(D))))
+    else:
+        acc, kp = tl.float64, _next_pow2(k)
+        bn, bm, bd = (16, 32, 8) if not interp else (16, 64, min(32, max(16, _next_pow2(D))))
+    nb = _cdiv(N, bn)
+    _scan_kernel[(B * nb,)](query, key, flags, d_out, i_out, N, M, D, k, nb,
+                            query.stride(0), query.stride(1), query.stride(2),
+                            key.stride(0), key.stride(1), key.stride(2),
+                            _direct_beta(D), D * 2.0 ** -148,
+                            TIER=tier, ACC=acc, KP=kp, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=4)
+
+
+def _tier1(query, key, C, split, precision):
+    """Tier 1 (module docstring, steps 1-2). Returns cv [B, N, C] fp32 candidate values v,
+    ci [B, N, C] int32 candidate indices (-1: none), lb [B, N] float64, a lower bound of the
+    exact squared distance of every key outside the candidate set, and the per-query qrow,
+    rho [B, N] float64 such that ``_bound_from_v(v, qrow, rho)`` bounds each candidate's
+    exact squared distance from below."""
+    B, N, D = query.shape
+    M = key.shape[1]
+    device = query.device
+    interp = _interpret()
+    Dp = _pad_d(D)
+    Np = _cdiv(N, _PAD_ROWS) * _PAD_ROWS
+    Mp = _cdiv(M, _PAD_ROWS) * _PAD_ROWS
+    buf_dtype = torch.bfloat16 if (precision == "bf16" and not interp) else torch.float32
+
+    # 1. centre on the key mean, round to the candidate precision
+    mu = key.mean(dim=1, dtype=torch.float32)  # [B, D]
+    qc, qr2, qu2 = _center(query, mu, Np, Dp, precision, buf_dtype)
+    kc, kr2, ku2 = _center(key, mu, Mp, Dp, precision, buf_dtype)
+    alpha = _error_coefficients(Dp)
+    kcol = kr2 * (1.0 - alpha)
+    kcol[:, M:] = float("inf")  # padded keys never qualify
+
+    # 2. tier 1: candidate pass (M split across grid axis 1 when B * N is small)
+    split = split if split is not None else _choose_split(B, N, M, device)
+    split = max(1, min(int(split), _cdiv(M, _PAD_ROWS)))
+    m_chunk = _cdiv(_cdiv(M, split), _PAD_ROWS) * _PAD_ROWS
+    split = _cdiv(M, m_chunk)
+    cand_v = torch.empty((split, B, Np, C), dtype=torch.float32, device=device)
+    cand_i = torch.empty((split, B, Np, C), dtype=torch.int32, device=device)
+    nb_key = max(0, (N - 1).bit_length() // 2)
+    mb_key = max(0, (M - 1).bit_length() // 2)
+    args = (qc, kc, kcol, cand_v, cand_i, M, N, m_chunk, Np, Mp, B * Np * C, Np * C, nb_key, mb_key)
+    if interp:
+        cfg = _interp_config(Dp, C)
+        _candidates_kernel[(B * _cdiv(N, cfg["BLOCK_N"]), split)](*args, Dp=Dp, C=C, DOT_PREC="tf32", **cfg,
+                                                                 num_warps=4)
+    else:
+        def grid(meta):
+            return (B * _cdiv(N, meta["BLOCK_N"]), split)
+
+        _cand_tuner(Dp, C, kc.element_size())[grid](*args, Dp=Dp, C=C, DOT_PREC="tf32")
+    del qc, kc
+    cv = cand_v[:, :, :N]
+    ci = cand_i[:, :, :N]
+    if split > 1:
+        cv = cv.permute(1, 2, 0, 3).reshape(B, N, split * C)
+        ci = ci.permute(1, 2, 0, 3).reshape(B, N, split * C)
+        cv, pos = torch.topk(cv, C, dim=-1, largest=False, sorted=False)
+        ci = ci.gather(-1, pos)
+    else:
+        cv, ci = cv[0], ci[0]
+    ci = ci.contiguous()
+
+    # lower bound of the exact squared distance of every key outside the candidate set
+    eps = _EPS_OP[precision]
+    t_c = cv.max(dim=-1).values  # the C-th candidate value (+inf when all keys are in)
+    rho = (eps + 2 * _U32) * 1.01 * (qu2[:, :N].double().sqrt()
+                                     + ku2[:, :M].double().amax(dim=1, keepdim=True).sqrt()) + 2.0 ** -100
+    qrow = qr2[:, :N].double() * (1.0 - alpha)
+    lb = _bound_from_v(t_c, qrow, rho)
+    return cv, ci, lb, qrow, rho
+
+
+def _bound_from_v(v, qrow, rho):
+    """Lower bound of the exact squared distance from a tier-1 value v (any shape [B, N, ...])."""
+    while qrow.dim() < v.dim():
+        qrow, rho = qrow[..., None], rho[..., None]
+    big_l = (v.double() + qrow).clamp_min(0.0)
+    return ((big_l.sqrt() * (1 - 1e-14) - rho).clamp_min(0.0)) ** 2 * (1 - 1e-14)
+
+
+@_dispatch.register("knn", "triton")
+def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candidates: int | None = None,
+               _split: int | None = None, _precision: str | None = None, _tiers: bool = False):
+    """Exact k nearest neighbours with Triton kernels (see the module docstring).
+
+    query [B, N, D] (or [N, D]), key [B, M, D] (or [M, D]) with the same B and D; float32 /
+    float16 / bfloat16 (float64 is searched with float32 / TF32 candidates and re-ranked
+    exactly), on CUDA (or on CPU under TRITON_INTERPRET=1); 1 <= k <= M < 2^31. Inputs are
+    assumed finite (fastgen.knn validates them).
+
+    Returns (dist2 float32 [B, N, k] ascending, index int64 [B, N, k]) with ties going to the
+    lowest key index; with ``_tiers=True`` also int32 [B, N]: the tier (1, 2, 3) that
+    certified each query. No autograd: fastgen.knn wraps this in its autograd Function.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError("knn_triton needs triton (pip install triton)")
+    squeeze = query.dim() == 2
+    if squeeze:
+        query, key = query[None], key[None]
+    query = query.detach()
+    key = key.detach()
+    if query.dim() != 3 or key.dim() != 3:
+        raise ValueError(f"query and key must be both 2-D or both 3-D, got {tuple(query.shape)} "
+                         f"and {tuple(key.shape)}")
+    B, N, D = query.shape
+    M = key.shape[1]
+    if key.shape[0] != B or key.shape[2] != D:
+        raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)}")
+    if not (1 <= k <= M):
+        raise ValueError(f"k must be in [1, M={M}], got {k}")
+    if M >= 2 ** 31 - 2 * _MAX_C - _PAD_ROWS:
+        raise ValueError(f"key has M={M} rows; the triton backend supports M < 2^31")
+    precision = _precision or ("tf32" if query.dtype in (torch.float32, torch.float64) else "bf16")
+    if precision not in _EPS_OP:
+        raise ValueError(f"_precision must be 'tf32' or 'bf16', got {precision!r}")
+    C = _n_candidates if _n_candidates is not None else default_candidates(k)
+    if C < k or C & (C - 1) or C > _MAX_C:
+        raise ValueError(f"_n_candidates must be a power of two in [k, {_MAX_C}], got {C}")
+    device = query.device
+    interp = _interpret()
+
+    # 1-2. tier 1: centring, tensor-core candidate pass, bound of the excluded keys
+    cv, ci, lb, _qrow, _rho = _tier1(query, key, C, _split, precision)
+
+    # 3. exact re-rank of the candidates (float64 direct differences of the original inputs)
+    exact = torch.empty((B, N, C), dtype=torch.float64, device=device)
+    rbn = max(1, min(64, 256 // C)) if not interp else max(1, min(32, 512 // C))
+    rbd = 32 if not interp else min(64, max(16, _next_pow2(D)))
+    nrb = _cdiv(N, rbn)
+    _rerank_kernel[(B * nrb,)](query, key, ci, exact, N, D, nrb,
+                               query.stride(0), query.stride(1), query.stride(2),
+                               key.stride(0), key.stride(1), key.stride(2),
+                               ci.stride(0), ci.stride(1), ci.stride(2),
+                               C=C, BLOCK_N=rbn, BLOCK_D=rbd, num_warps=4)
+    # sort by (exact distance, index): ties -> lowest index
+    si, p1 = torch.sort(ci.long(), dim=-1)
+    ex, p2 = torch.sort(exact.gather(-1, p1), dim=-1, stable=True)
+    si = si.gather(-1, p2)
+    d_out = ex[..., :k].contiguous()
+    i_out = si[..., :k].contiguous()
+
+    # 4. certificate, then tiers 2 and 3 for the queries it cannot certify
+    certified = lb > d_out[..., k - 1] * (1.0 + (D + 8) * 2 * _U64)
+    flags = (~certified).to(torch.int32).contiguous()
+    flags1 = flags.clone() if _tiers else None
+    _scan(2, query, key, flags, d_out, i_out, k, C, interp)
+    _scan(3, query, key, flags, d_out, i_out, k, C, interp)
+
+    dist2 = d_out.to(torch.float32)
+    out = [dist2, i_out]
+    if _tiers:
+        out.append((1 + flags1 + (flags == 2).to(torch.int32)).to(torch.int32))
+    if squeeze:
+        out = [t[0] for t in out]
+    return tuple(out)
