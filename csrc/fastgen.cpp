@@ -19,6 +19,14 @@ TORCH_LIBRARY(fastgen, m) {
   // ---- spread_noise (csrc/cpu/spread_noise.cpp) ----
   m.def("spread_noise(Tensor x, Tensor sigma, int kind, int seed, int offset) -> Tensor");
   m.def("spread_noise_grad_sigma(Tensor grad_y, Tensor sigma, int kind, int seed, int offset) -> Tensor");
+
+  // ---- spread_log_likelihood (csrc/cpu/spread_log_likelihood.cpp) ----
+  // y [N, D], samples [S, D], sigma [1] or [D]: one dtype, float32 or float64, contiguous.
+  // kind 0 gaussian / 1 laplace. Returns out [N]; the backward returns (grad_y, grad_samples,
+  // grad_sigma), empty tensors where not requested.
+  m.def("spread_log_likelihood(Tensor y, Tensor samples, Tensor sigma, int kind) -> Tensor");
+  m.def("spread_log_likelihood_backward(Tensor grad_out, Tensor y, Tensor samples, Tensor sigma, "
+        "Tensor out, int kind, bool need_y, bool need_samples, bool need_sigma) -> (Tensor, Tensor, Tensor)");
 }
 
 // fastgen._C is also a Python module so that `import fastgen._C` loads the library above.
