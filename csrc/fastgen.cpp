@@ -13,8 +13,17 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("knn(Tensor query, Tensor key, int k) -> (Tensor, Tensor)");
 
   // ---- gaussian_nll (csrc/cpu/gaussian_nll.cpp) ----
-  m.def("gaussian_nll(Tensor input, Tensor target, Tensor var, bool full, float eps, bool log_var, "
-        "float beta, int reduction, bool need_grad) -> (Tensor, Tensor, Tensor)");
+  // input, target [A*B*C] contiguous, var [A*C] broadcast over B (index arithmetic, never
+  // expanded); one dtype. reduction 0 none / 1 mean / 2 sum. Returns (loss, grad_input,
+  // grad_target, grad_var, negative-var flag): gradients of the reduced loss computed in the same
+  // pass when requested (empty otherwise, and always for "none": see gaussian_nll_backward).
+  m.def("gaussian_nll(Tensor input, Tensor target, Tensor var, int A, int B, int C, bool full, "
+        "float eps, bool log_var, float beta, int reduction, bool grad_input, bool grad_target, "
+        "bool grad_var) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Fused backward of reduction "none": grad_out [A*B*C] per element.
+  m.def("gaussian_nll_backward(Tensor grad_out, Tensor input, Tensor target, Tensor var, int A, "
+        "int B, int C, bool full, float eps, bool log_var, float beta, bool grad_input, "
+        "bool grad_target, bool grad_var) -> (Tensor, Tensor, Tensor)");
 
   // ---- spread_noise (csrc/cpu/spread_noise.cpp) ----
   m.def("spread_noise(Tensor x, Tensor sigma, int kind, int seed, int offset) -> Tensor");
