@@ -114,7 +114,7 @@ class _TorchImpl:
         inv = 1.0 / s**2 if kind == 0 else 1.0 / s
         gy = torch.empty_like(y) if ny else None
         gx = torch.zeros_like(x) if nx else None
-        tsum = torch.zeros(D, dtype=y.dtype, device=y.device)
+        tsum = torch.zeros(D, dtype=torch.float64, device=y.device)  # the two sigma terms nearly cancel
         for i in range(0, N, nb):
             yc = y[i:i + nb]
             t = g[i:i + nb, None] * torch.exp(cls._scores(yc, x, s, kind, sb) - lse[i:i + nb, None])
@@ -127,12 +127,12 @@ class _TorchImpl:
                 if nx:
                     gx[j:j + sb] += u.sum(0)
                 if ns:
-                    tsum += (u * d).sum((0, 1))
+                    tsum += (u * d).sum((0, 1), dtype=torch.float64)
             if ny:
                 gy[i:i + nb] = gyc * inv
         if nx:
             gx *= inv
-        gs = _sigma_grad(g.sum(), tsum, s, D, kind) if ns else None
+        gs = _sigma_grad(g.sum(dtype=torch.float64), tsum, s.double(), D, kind).to(s.dtype) if ns else None
         return gy, gx, gs
 
 

@@ -149,13 +149,14 @@ class _TorchImpl:
 
     @staticmethod
     def noise(shape, kind, seed, offset, dtype, device):
+        # drawn in float32 whatever x's dtype (the same noise for every dtype, like cpu / triton)
         g = torch.Generator(device=device)
         g.manual_seed((seed ^ (offset * 0x9E3779B97F4A7C15)) & _SEED_MASK)
         if kind == 0:
-            return torch.randn(shape, generator=g, dtype=dtype, device=device)
-        mag = torch.empty(shape, dtype=dtype, device=device).exponential_(1.0, generator=g)
+            return torch.randn(shape, generator=g, dtype=torch.float32, device=device).to(dtype)
+        mag = torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=g)
         sign = torch.randint(0, 2, shape, generator=g, device=device, dtype=torch.int8)
-        return torch.where(sign.bool(), mag, -mag)
+        return torch.where(sign.bool(), mag, -mag).to(dtype)
 
     @classmethod
     def forward(cls, x, sigma_t, sigma_f, kind, seed, offset):
