@@ -295,7 +295,8 @@ double run(const scalar_t* x, const scalar_t* t, const scalar_t* v, int64_t A, i
     // Per-element var: one flat pass over N = A * C elements.
     const int64_t N = A * C;
     const int64_t ntasks = (N + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : total) reduction(| : neg)
+    std::vector<double> tsums((size_t)ntasks);  // per-task sums, added in order: deterministic
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(| : neg) if (ntasks > 1)
     for (int64_t task = 0; task < ntasks; ++task) {
       alignas(64) acc_t l[TILE], gi[TILE], gv[TILE];
       const int64_t end = std::min(N, (task + 1) * CHUNK);
@@ -313,9 +314,10 @@ double run(const scalar_t* x, const scalar_t* t, const scalar_t* v, int64_t A, i
           for (int64_t j = 0; j < n; ++j) gvar[e0 + j] = static_cast<scalar_t>(gv[j]);
         }
       }
-      total += tsum;
+      tsums[(size_t)task] = tsum;
       neg |= ng;
     }
+    for (double ts : tsums) total += ts;
     neg_out = neg;
     return total;
   }
@@ -335,8 +337,9 @@ double run(const scalar_t* x, const scalar_t* t, const scalar_t* v, int64_t A, i
   std::vector<acc_t> part;
   if (need_gv) part.assign((size_t)(nbs * A * C), acc_t(0));
   const int64_t ntasks = A * ncc * nbs;
+  std::vector<double> tsums((size_t)ntasks);
 
-#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : total) reduction(| : neg)
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(| : neg) if (ntasks > 1)
   for (int64_t task = 0; task < ntasks; ++task) {
     alignas(64) acc_t l[TILE], gi[TILE], gv[TILE], gacc[TILE];
     const int64_t bs = task % nbs;
@@ -388,9 +391,10 @@ double run(const scalar_t* x, const scalar_t* t, const scalar_t* v, int64_t A, i
         for (int64_t j = 0; j < n; ++j) dst[j] = gacc[j];
       }
     }
-    total += tsum;
+    tsums[(size_t)task] = tsum;
     neg |= ng;
   }
+  for (double ts : tsums) total += ts;
   if (need_gv) {
     const int64_t M = A * C;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (M > 65536)

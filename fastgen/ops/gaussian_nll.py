@@ -131,11 +131,19 @@ def _result_dtype(input, target, var) -> torch.dtype:
 
 def _broadcast_shape(input, target, var) -> torch.Size:
     shapes = [input.shape, target.shape] + ([] if isinstance(var, float) else [var.shape])
-    try:
-        return torch.broadcast_shapes(*shapes)
-    except RuntimeError as e:
-        raise _ShapeError(f"target of shape {tuple(target.shape)} does not broadcast with input of "
-                          f"shape {tuple(input.shape)}: {e}") from None
+    if all(s == shapes[0] for s in shapes[1:]):
+        return shapes[0]
+    nd = max(len(s) for s in shapes)
+    out = [1] * nd
+    for s in shapes:  # numpy broadcasting (torch.broadcast_shapes costs ~100 us a call)
+        for i, d in enumerate(s, nd - len(s)):
+            if d != out[i]:
+                if out[i] != 1 and d != 1:
+                    raise _ShapeError(f"target of shape {tuple(target.shape)} does not broadcast with "
+                                      f"input of shape {tuple(input.shape)} (var {tuple(getattr(var, 'shape', ()))})")
+                if d != 1:
+                    out[i] = d
+    return torch.Size(out)
 
 
 def _var_plan(vshape, out_shape):
@@ -188,23 +196,23 @@ class _FusedNLL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, t, v = ctx.saved_tensors
         A, B, C, full, eps, log_var, beta, red = ctx.plan
         need_x, need_t, need_v = ctx.need
         k = ctx.k
+        stash, ctx.stash = ctx.stash, None  # hand the buffers over: autograd may keep them as .grad
         if red == 0:
+            x, t, v = ctx.saved_tensors
             go = grad_out.to(x.dtype).contiguous().view(-1)
             gx, gt, gv = k.backward(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v)
         else:
-            stash, ctx.stash = ctx.stash, None  # hand the buffers over: autograd may keep them as .grad
             if stash is None:  # a second backward (retain_graph=True): recompute them
+                x, t, v = ctx.saved_tensors
                 _, gx, gt, gv, _ = k.forward(x, t, v, A, B, C, full, eps, log_var, beta, red,
                                              need_x, need_t, need_v)
             else:
                 gx, gt, gv = stash
             k.scale([g for g, n in ((gx, need_x), (gt, need_t), (gv, need_v)) if n], grad_out)
-        return (gx.view(x.shape) if need_x else None, gt.view(t.shape) if need_t else None,
-                gv.view(v.shape) if need_v else None) + (None,) * 11
+        return (gx if need_x else None, gt if need_t else None, gv if need_v else None) + (None,) * 11
 
 
 def _fused(k, input, target, var, full, eps, reduction, log_var, beta):
