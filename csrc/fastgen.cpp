@@ -8,8 +8,9 @@
 
 TORCH_LIBRARY(fastgen, m) {
   // ---- knn (csrc/cpu/knn.cpp) ----
-  // query [B, N, D] float32 contiguous, key [B, M, D] float32 contiguous, 1 <= k <= M.
-  // Returns (dist2 [B, N, k] float32 ascending, index [B, N, k] int64); exact: ties -> lowest index.
+  // query [B, N, D], key [B, M, D], both float32 or both float64, 1 <= k <= M.
+  // Returns (dist2 [B, N, k] ascending, float32 / float64 like the inputs; index [B, N, k] int64);
+  // exact (certified fp32 fast pass + double re-rank): ties -> lowest index.
   m.def("knn(Tensor query, Tensor key, int k) -> (Tensor, Tensor)");
 
   // ---- gaussian_nll (csrc/cpu/gaussian_nll.cpp) ----

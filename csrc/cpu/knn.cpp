@@ -1,0 +1,859 @@
+// fastgen::knn on CPU: exact k-nearest-neighbour search, OpenMP + a hand-vectorised micro-kernel.
+//
+// query [B, N, D], key [B, M, D] (float32 or float64, contiguous), 1 <= k <= M.
+// Returns dist2 [B, N, k] (float32 for float32 input, float64 for float64 input), ascending, and
+// index [B, N, k] int64; ties go to the lowest key index. dist2 is the exact squared distance
+// (computed in double from the original inputs) rounded once to the output dtype.
+//
+// Algorithm (per batch; never an N x M matrix):
+//  1. Centre: mu = mean of the keys (double); a = fl32(q - mu), b = fl32(k - mu). Keys are packed
+//     into tiles of NR keys, transposed ([D][NR], then the NR norms ||b||^2), queries into panels
+//     of MR queries ([D][MR]).
+//  2. Fast pass: for each (MR x NR) tile the micro-kernel computes r = ||b||^2 - 2 a.b in fp32
+//     registers (FMA chains of length L, summed into a tile accumulator: the rounding error grows
+//     with L + D / L, not D), compares r with each query's running threshold and, rarely, inserts
+//     into a per-query max-heap of the C = k + extra smallest r (the candidates). Blocked over
+//     keys (a key block stays in L2) and over queries; OpenMP over (query range, key chunk) tasks,
+//     so small N with large M still fills every core (per-chunk heaps are merged afterwards).
+//  3. Exact re-rank: the C candidates' distances are recomputed in double by direct differences
+//     from the original inputs and sorted by (distance, index).
+//  4. Certificate: with delta a rigorous bound on |(||a||^2 + r) - ||q - k||^2| (fp32 rounding of the
+//     centring, the dot-product chains, the norms and the final FMA; see bound_delta), every key that
+//     is not a candidate has ||q - k||^2 >= ||a||^2 + T - delta, where T is the C-th smallest r. If
+//     that is strictly above the exact k-th distance, the top k are exact. Otherwise the query goes
+//     to the fallback pass: the same micro-kernel rescans all keys and every key whose lower bound
+//     ||a||^2 + r - delta is <= the current exact k-th distance is evaluated exactly (an exact
+//     brute-force scan, pruned by the rigorous bound). So the result is always exact.
+//  M <= C (few keys) and inputs so large that fp32 could overflow go straight to an exact
+//  brute-force scan in double.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <limits>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// SIMD abstraction: one vector type, loads, broadcast, FMA, compare -> bitmask.
+// ------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+struct Simd {
+  static constexpr int W = 16;
+  static constexpr bool kFMA = true;  // _mm512_fmadd_ps: one rounding per step
+  using V = __m512;
+  static inline V zero() { return _mm512_setzero_ps(); }
+  static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline V set1(float x) { return _mm512_set1_ps(x); }
+  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static inline uint64_t lt(V a, V b) { return (uint64_t)_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static inline uint64_t le(V a, V b) { return (uint64_t)_mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+};
+constexpr int MR = 8;  // queries per micro-tile
+constexpr int NV = 3;  // vectors of keys per micro-tile: 8 x 48, 24 accumulators
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Simd {
+  static constexpr int W = 8;
+  static constexpr bool kFMA = true;
+  using V = __m256;
+  static inline V zero() { return _mm256_setzero_ps(); }
+  static inline V load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline V set1(float x) { return _mm256_set1_ps(x); }
+  static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline uint64_t lt(V a, V b) { return (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
+  static inline uint64_t le(V a, V b) { return (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LE_OQ)); }
+};
+constexpr int MR = 6;  // 6 x 16, 12 accumulators (16 ymm registers)
+constexpr int NV = 2;
+#else
+// Portable fallback: plain arrays of 8 lanes; the compiler may or may not fuse a * b + c, so the
+// error bound counts two roundings per step (kFMA = false).
+struct Simd {
+  static constexpr int W = 8;
+  static constexpr bool kFMA = false;
+  struct V { float x[8]; };
+  static inline V zero() { V v; for (int l = 0; l < 8; ++l) v.x[l] = 0.f; return v; }
+  static inline V load(const float* p) { V v; std::memcpy(v.x, p, sizeof(v.x)); return v; }
+  static inline V set1(float s) { V v; for (int l = 0; l < 8; ++l) v.x[l] = s; return v; }
+  static inline V fma(V a, V b, V c) { V v; for (int l = 0; l < 8; ++l) v.x[l] = a.x[l] * b.x[l] + c.x[l]; return v; }
+  static inline V add(V a, V b) { V v; for (int l = 0; l < 8; ++l) v.x[l] = a.x[l] + b.x[l]; return v; }
+  static inline void store(float* p, V v) { std::memcpy(p, v.x, sizeof(v.x)); }
+  static inline uint64_t lt(V a, V b) { uint64_t m = 0; for (int l = 0; l < 8; ++l) m |= (uint64_t)(a.x[l] < b.x[l]) << l; return m; }
+  static inline uint64_t le(V a, V b) { uint64_t m = 0; for (int l = 0; l < 8; ++l) m |= (uint64_t)(a.x[l] <= b.x[l]) << l; return m; }
+};
+constexpr int MR = 4;
+constexpr int NV = 2;
+#endif
+constexpr int W = Simd::W;
+constexpr int NR = NV * W;  // keys per micro-tile
+static_assert(NR <= 64, "a tile's hit mask is one 64-bit word");
+
+// ------------------------------------------------------------------------------------------
+// Aligned scratch buffers.
+// ------------------------------------------------------------------------------------------
+template <typename T>
+struct Buf {
+  T* p = nullptr;
+  size_t cap = 0;
+  Buf() = default;
+  explicit Buf(size_t count) { ensure(count); }
+  // at least count elements (contents are not preserved when it grows)
+  T* ensure(size_t count) {
+    if (count > cap || p == nullptr) {
+      release();
+      size_t bytes = ((std::max<size_t>(count, 1) * sizeof(T) + 63) / 64) * 64;
+      p = static_cast<T*>(std::aligned_alloc(64, bytes));
+      TORCH_CHECK(p != nullptr, "fastgen.knn: out of memory allocating ", bytes, " bytes");
+      cap = bytes / sizeof(T);
+    }
+    return p;
+  }
+  void release() {
+    std::free(p);
+    p = nullptr;
+    cap = 0;
+  }
+  size_t bytes() const { return cap * sizeof(T); }
+  ~Buf() { std::free(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  T& operator[](size_t i) { return p[i]; }
+  const T& operator[](size_t i) const { return p[i]; }
+};
+
+// Per-thread workspace of the fast pass, kept between calls: fresh multi-MiB buffers cost more
+// in page faults than the packing itself. Buffers above 256 MiB are released after each call.
+struct Workspace {
+  Buf<float> kpack, qpack, rv, thr;
+  Buf<int32_t> ri, rn;
+  Buf<double> nq, part, mu;
+  void trim() {
+    const size_t lim = (size_t)256 << 20;
+    if (kpack.bytes() > lim) kpack.release();
+    if (qpack.bytes() > lim) qpack.release();
+    if (rv.bytes() > lim) rv.release();
+    if (ri.bytes() > lim) ri.release();
+    if (nq.bytes() > lim) nq.release();
+  }
+};
+inline Workspace& workspace() {
+  static thread_local Workspace ws;
+  return ws;
+}
+
+// ------------------------------------------------------------------------------------------
+// Max-heaps ordered lexicographically by (value, index): the root is the worst kept entry.
+// ------------------------------------------------------------------------------------------
+template <typename V>
+inline bool lex_less(V a, int32_t ia, V b, int32_t ib) { return a < b || (a == b && ia < ib); }
+
+template <typename V>
+inline void heap_offer(V* v, int32_t* id, int32_t& n, int cap, V x, int32_t j) {
+  int c;
+  if (n < cap) {  // push, sift up
+    c = n++;
+    while (c > 0) {
+      int p = (c - 1) >> 1;
+      if (!lex_less(v[p], id[p], x, j)) break;
+      v[c] = v[p]; id[c] = id[p]; c = p;
+    }
+  } else {
+    if (!lex_less(x, j, v[0], id[0])) return;
+    c = 0;  // replace the root, sift down
+    for (;;) {
+      int l = 2 * c + 1;
+      if (l >= n) break;
+      int r = l + 1;
+      int m = (r < n && lex_less(v[l], id[l], v[r], id[r])) ? r : l;
+      if (!lex_less(x, j, v[m], id[m])) break;
+      v[c] = v[m]; id[c] = id[m]; c = m;
+    }
+  }
+  v[c] = x; id[c] = j;
+}
+
+// Exact squared distance in double by direct differences (8 independent partial sums).
+template <typename T>
+inline double exact_d2(const T* __restrict a, const T* __restrict b, int64_t D) {
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int l = 0; l < 8; ++l) {
+      double t = (double)a[d + l] - (double)b[d + l];
+      s[l] += t * t;
+    }
+  }
+  for (int l = 0; d < D; ++d, ++l) {
+    double t = (double)a[d] - (double)b[d];
+    s[l] += t * t;
+  }
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+// Smallest float >= x (x finite double).
+inline float float_up(double x) {
+  float f = (float)x;
+  if ((double)f < x) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+
+// ------------------------------------------------------------------------------------------
+// The micro-kernel. qp: query panel [D][MR]; kp: key tile [D][NR] followed by nk[NR] (||b||^2,
+// NaN in padding lanes). Computes r = nk - 2 a.b for the MR x NR tile in registers, the dot
+// products summed in chains of L steps (then added into acc_mem), and hands the registers to the
+// epilogue epi(r[MR][NV]).
+// ------------------------------------------------------------------------------------------
+template <class Epi>
+__attribute__((always_inline)) inline void tile_kernel(const float* __restrict qp, const float* __restrict kp,
+                                                       int64_t D, int64_t L, float* __restrict acc_mem, Epi&& epi) {
+  using V = Simd::V;
+  V acc[MR][NV];
+  bool first = true;
+  for (int64_t d0 = 0; d0 < D; d0 += L) {
+    const int64_t d1 = std::min(D, d0 + L);
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = Simd::zero();
+    for (int64_t d = d0; d < d1; ++d) {
+      const float* kr = kp + d * NR;
+      const float* qr = qp + d * MR;
+      V kv[NV];
+      for (int v = 0; v < NV; ++v) kv[v] = Simd::load(kr + v * W);
+      for (int r = 0; r < MR; ++r) {
+        const V b = Simd::set1(qr[r]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = Simd::fma(b, kv[v], acc[r][v]);
+      }
+    }
+    if (d1 < D) {  // not the last chain: add into the tile accumulator in memory
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) {
+          float* p = acc_mem + (r * NV + v) * W;
+          Simd::store(p, first ? acc[r][v] : Simd::add(Simd::load(p), acc[r][v]));
+        }
+      first = false;
+    } else if (!first) {
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = Simd::add(Simd::load(acc_mem + (r * NV + v) * W), acc[r][v]);
+    }
+  }
+  const float* nk = kp + D * NR;
+  V nkv[NV];
+  for (int v = 0; v < NV; ++v) nkv[v] = Simd::load(nk + v * W);
+  const V m2 = Simd::set1(-2.0f);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Simd::fma(m2, acc[r][v], nkv[v]);
+  epi(acc);
+}
+
+// ------------------------------------------------------------------------------------------
+// Running top-C of the fast pass, one per (key chunk, query): the C lexicographically smallest
+// (r, key index) seen so far, kept sorted (C <= 64: insertion) or as a max-heap (larger C), and
+// the query's threshold = the C-th value (+inf until C keys were seen). Keys arrive in increasing
+// index order, so "r < threshold" is exactly "(r, index) < the C-th kept pair". Every key of the
+// chunk that is not kept has r >= the chunk's final C-th value.
+// ------------------------------------------------------------------------------------------
+struct TopC {
+  float* v;       // [rows][C]
+  int32_t* id;    // [rows][C]
+  int32_t* n;     // [rows]
+  float* thr;     // [rows]
+  int64_t C;
+  bool sorted;    // insertion into a sorted array (C <= 64) or a max-heap
+};
+
+// insert (x, j) into the sorted array v/id[0..n), n <= C; precondition n < C or x < v[C-1]
+inline void sorted_insert(float* v, int32_t* id, int32_t& n, int64_t C, float x, int32_t j) {
+  int64_t pos = n < C ? n++ : C - 1;
+  while (pos > 0 && v[pos - 1] > x) {  // ties: the earlier (lower) index stays first
+    v[pos] = v[pos - 1];
+    id[pos] = id[pos - 1];
+    --pos;
+  }
+  v[pos] = x;
+  id[pos] = j;
+}
+
+// Fast-pass epilogue: rows with an r below their threshold insert those keys.
+struct TopCEpi {
+  const TopC& R;
+  int64_t row0;   // first row of this query panel
+  int32_t key0;   // index of the tile's first key
+  __attribute__((always_inline)) inline void operator()(Simd::V (&x)[MR][NV]) const {
+    float* thr = R.thr + row0;
+    uint64_t masks[MR];
+    uint64_t any = 0;
+    for (int r = 0; r < MR; ++r) {
+      const Simd::V t = Simd::set1(thr[r]);
+      uint64_t mk = 0;
+      for (int v = 0; v < NV; ++v) mk |= Simd::lt(x[r][v], t) << (v * W);
+      masks[r] = mk;
+      any |= mk;
+    }
+    if (__builtin_expect(any == 0, 1)) return;
+    alignas(64) float vals[NR];
+    for (int r = 0; r < MR; ++r) {
+      uint64_t mk = masks[r];
+      if (!mk) continue;
+      for (int v = 0; v < NV; ++v) Simd::store(vals + v * W, x[r][v]);
+      const int64_t row = row0 + r;
+      float* bv = R.v + row * R.C;
+      int32_t* bi = R.id + row * R.C;
+      int32_t n = R.n[row];
+      float th = thr[r];
+      const float inf = std::numeric_limits<float>::infinity();
+      if (R.sorted) {
+        while (mk) {
+          const int bit = __builtin_ctzll(mk);
+          mk &= mk - 1;
+          const float xv = vals[bit];
+          if (!(xv < th)) continue;
+          sorted_insert(bv, bi, n, R.C, xv, key0 + bit);
+          th = n == R.C ? bv[R.C - 1] : inf;
+        }
+      } else {
+        while (mk) {
+          const int bit = __builtin_ctzll(mk);
+          mk &= mk - 1;
+          const float xv = vals[bit];
+          if (!(xv < th)) continue;
+          heap_offer(bv, bi, n, (int)R.C, xv, key0 + bit);
+          th = n == R.C ? bv[0] : inf;
+        }
+      }
+      R.n[row] = n;
+      thr[r] = th;
+    }
+  }
+};
+
+// Fallback epilogue: rows whose r is <= their threshold call h(row, r_row[NR], mask).
+template <class Handler>
+struct CollectEpi {
+  const float* thr;
+  Handler& h;
+  __attribute__((always_inline)) inline void operator()(Simd::V (&x)[MR][NV]) const {
+    uint64_t masks[MR];
+    uint64_t any = 0;
+    for (int r = 0; r < MR; ++r) {
+      const Simd::V t = Simd::set1(thr[r]);
+      uint64_t mk = 0;
+      for (int v = 0; v < NV; ++v) mk |= Simd::le(x[r][v], t) << (v * W);
+      masks[r] = mk;
+      any |= mk;
+    }
+    if (__builtin_expect(any == 0, 1)) return;
+    alignas(64) float vals[NR];
+    for (int r = 0; r < MR; ++r) {
+      if (!masks[r]) continue;
+      for (int v = 0; v < NV; ++v) Simd::store(vals + v * W, x[r][v]);
+      h(r, vals, masks[r]);
+    }
+  }
+};
+
+constexpr double U32 = 1.0 / 16777216.0;  // 2^-24, unit roundoff of fp32
+
+inline double gamma_n(double n) { return n * U32 / (1.0 - n * U32); }
+
+// Rigorous bound on |(||a'||^2 + r) - ||q - k||^2| for any key: see the header comment.
+//   r error:  |fl(nk) - ||b'||^2| <= u B^2 (nk rounded once from double),
+//             |fl(a'.b') - a'.b'| <= gamma(steps) ||a'|| ||b'|| (chains of L, then P - 1 adds),
+//             final FMA: u (B^2 + 2 A B) (one rounding).
+//   centring: a' = fl32(q - mu) with |a' - a| <= eps |a| elementwise, eps = u + 2^-52 (the double
+//             subtraction, then the rounding to fp32); the same for b', so
+//             | ||a' - b'||^2 - ||a - b||^2 | <= (2 eps + eps^2) (||a|| + ||b||)^2.
+//   plus an absolute term for underflow (flush-to-zero included): 2^-125 per operation.
+struct Bound {
+  double B;       // max ||b'|| over the keys
+  double steps;   // roundings in one dot-product chain
+  int64_t D;
+  double operator()(double A) const {
+    const double u = U32;
+    const double eps = U32 + std::ldexp(1.0, -52);
+    const double e_r = 2.0 * u * B * B * (1.0 + 4 * u) + 2.0 * (gamma_n(steps) + u) * A * B * (1.0 + gamma_n(steps));
+    const double AB = (A + B) / (1.0 - eps);
+    const double e_c = (2.0 * eps + eps * eps) * AB * AB;
+    const double tiny = (double)(D + 8) * std::ldexp(1.0, -125) * 4.0;
+    return 1.01 * (e_r + e_c) + tiny;
+  }
+};
+
+// Number of candidates kept by the fast pass, C = k + extra: enough that the certificate holds
+// for almost every query on tight clusters far from the origin (measured on clustered data, std
+// 1e-2, offset 1e3; see bench/knn.py), few enough that keeping and re-ranking them stays cheap.
+// The rounding error of the fp32 expansion grows with D, so the margin grows with D.
+inline int64_t n_candidates(int64_t k, int64_t D) {
+  int64_t extra = 8 * (1 + (D >= 128) + (D >= 384) + (D >= 768));
+  if (D >= 256) extra += k;
+  return k + extra;
+}
+
+// Chain length of the dot-product accumulation: about sqrt(D), at least 16.
+inline int64_t chain_length(int64_t D) {
+  int64_t L = 16;
+  while (L * L < D) L *= 2;
+  return std::min(L, D);
+}
+
+inline bool debug_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTGEN_KNN_DEBUG");
+    return e != nullptr && e[0] == '1';
+  }();
+  return on;
+}
+
+// process CPU time (all threads), for FASTGEN_KNN_DEBUG=1 phase timings on a shared machine
+inline double debug_clock() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+inline int num_threads_for(int64_t work) {
+  int nt = at::get_num_threads();
+#ifdef _OPENMP
+  if (omp_in_parallel()) nt = 1;
+#endif
+  // tiny problems are not worth waking threads for
+  if (work < (int64_t)1 << 16) nt = 1;
+  return std::max(nt, 1);
+}
+
+// ------------------------------------------------------------------------------------------
+// Exact brute force (double): for M <= C, for inputs whose squares could overflow fp32, and as
+// the reference path. Writes the top k of the listed queries.
+// ------------------------------------------------------------------------------------------
+template <typename T, typename OutT>
+void brute_force(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k, OutT* od, int64_t* oi,
+                 int nt) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<double> hv(k);
+    std::vector<int32_t> hi(k);
+    std::vector<std::pair<double, int32_t>> tmp(k);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t i = 0; i < N; ++i) {
+      int32_t n = 0;
+      const T* qi = q + i * D;
+      for (int64_t j = 0; j < M; ++j) {
+        double d = exact_d2(qi, key + j * D, D);
+        heap_offer(hv.data(), hi.data(), n, (int)k, d, (int32_t)j);
+      }
+      for (int32_t s = 0; s < n; ++s) tmp[s] = {hv[s], hi[s]};
+      std::sort(tmp.begin(), tmp.begin() + n);
+      for (int64_t s = 0; s < k; ++s) {
+        od[i * k + s] = (OutT)tmp[s].first;
+        oi[i * k + s] = tmp[s].second;
+      }
+    }
+  }
+}
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t D) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < D * (int64_t)sizeof(T); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+// ------------------------------------------------------------------------------------------
+// One batch element.
+// ------------------------------------------------------------------------------------------
+template <typename T, typename OutT>
+void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k, OutT* od, int64_t* oi,
+             int nt_max) {
+  if (N == 0) return;
+  const int64_t C = n_candidates(k, D);
+  const int nt = nt_max > 1 ? num_threads_for(N * M * D) : 1;
+  if (M <= C) {
+    brute_force(q, key, N, M, D, k, od, oi, nt);
+    return;
+  }
+  const bool dbg = debug_enabled();
+  double t_start = dbg ? debug_clock() : 0.0, t_packed = 0.0, t_fast = 0.0;
+
+  const int64_t n_kt = (M + NR - 1) / NR;  // key tiles
+  const int64_t tile_stride = (D + 1) * NR;
+  const int64_t n_qp = (N + MR - 1) / MR;  // query panels
+  const int64_t Npad = n_qp * MR;
+  const int64_t L = chain_length(D);
+  const int64_t P = (D + L - 1) / L;
+  const int64_t RB = C;
+  const int64_t n_mu = std::min<int64_t>(M, 4096);  // keys averaged for the centre
+
+  // Tasks of the fast pass: (query range of QRP panels, key chunk). Key chunks split M when there
+  // are too few query ranges to keep every thread busy (small N, large M); each chunk has its own
+  // reservoirs, merged in the re-rank.
+  const int64_t QRP = std::max<int64_t>(1, std::min<int64_t>(16, (n_qp + 2 * nt - 1) / (2 * nt)));
+  const int64_t n_qr = (n_qp + QRP - 1) / QRP;
+  int64_t nks = 1;
+  if (nt > 1 && n_qr < 4 * nt) nks = (4 * nt + n_qr - 1) / n_qr;
+  nks = std::max<int64_t>(1, std::min<int64_t>(nks, n_kt / std::max<int64_t>(1, (C + NR - 1) / NR)));
+  // key block: about 384 KiB of packed keys, reused from L2 by every panel of the query range
+  const int64_t KB = std::max<int64_t>(1, (384 * 1024) / (tile_stride * (int64_t)sizeof(float)));
+
+  Workspace& ws = workspace();
+  struct TrimGuard {
+    Workspace& w;
+    ~TrimGuard() { w.trim(); }
+  } trim_guard{ws};
+  double* mu = ws.mu.ensure(D);
+  double* part = ws.part.ensure((size_t)nt * D);
+  float* kpack = ws.kpack.ensure((size_t)(n_kt * tile_stride));
+  float* qpack = ws.qpack.ensure((size_t)(n_qp * D * MR));
+  double* nq = ws.nq.ensure(Npad);
+  float* rv = ws.rv.ensure((size_t)(nks * Npad * RB));
+  int32_t* ri = ws.ri.ensure((size_t)(nks * Npad * RB));
+  int32_t* rn = ws.rn.ensure((size_t)(nks * Npad));
+  float* thr = ws.thr.ensure((size_t)(nks * Npad));
+  std::fill(mu, mu + D, 0.0);
+  std::fill(part, part + (size_t)nt * D, 0.0);
+  const TopC res{rv, ri, rn, thr, C, C <= 64};
+  double b2max = 0.0, a2max = 0.0;
+  bool overflow = false;
+  Bound bound{0.0, 0.0, D};
+  std::vector<int64_t> failed;
+  std::vector<double> fail_tau;
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    // ---- 1. centre and pack ----
+    // mu: the mean of (a strided sample of at most 4096) keys, in double. Any shift leaves the
+    // distances unchanged; the bound uses the norms of the centred data, whatever mu is.
+    {
+      double* s = part + (size_t)tid * D;
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < n_mu; ++u) {
+        const T* kj = key + (u * M / n_mu) * D;
+        for (int64_t d = 0; d < D; ++d) s[d] += (double)kj[d];
+      }
+    }
+#pragma omp single
+    {
+      for (int t = 0; t < nt; ++t)
+        for (int64_t d = 0; d < D; ++d) mu[d] += part[(size_t)t * D + d];
+      for (int64_t d = 0; d < D; ++d) mu[d] /= (double)n_mu;
+    }
+    // keys: tiles [D][NR] + norms, transposed in blocks of 16 dims (the tile rows being written
+    // stay in L1)
+#pragma omp for schedule(static) reduction(max : b2max)
+    for (int64_t t = 0; t < n_kt; ++t) {
+      float* kp = kpack + t * tile_stride;
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        const int64_t d1 = std::min(D, d0 + 16);
+        for (int l = 0; l < NR; ++l) {
+          const int64_t j = t * NR + l;
+          if (j < M) {
+            const T* kj = key + j * D;
+            for (int64_t d = d0; d < d1; ++d) kp[d * NR + l] = (float)((double)kj[d] - mu[d]);
+          } else {
+            for (int64_t d = d0; d < d1; ++d) kp[d * NR + l] = 0.0f;
+          }
+        }
+      }
+      double nrm[NR];  // ||b'||^2 in double, vectorised across the tile's keys
+      for (int l = 0; l < NR; ++l) nrm[l] = 0.0;
+      for (int64_t d = 0; d < D; ++d)
+        for (int l = 0; l < NR; ++l) nrm[l] += (double)kp[d * NR + l] * (double)kp[d * NR + l];
+      float* nk = kp + D * NR;
+      for (int l = 0; l < NR; ++l) {
+        if (t * NR + l < M) {
+          nk[l] = (float)nrm[l];
+          b2max = std::max(b2max, nrm[l]);
+        } else {
+          nk[l] = std::numeric_limits<float>::quiet_NaN();  // padding: never compares true
+        }
+      }
+    }
+    // queries: panels [D][MR]
+#pragma omp for schedule(static) reduction(max : a2max)
+    for (int64_t p = 0; p < n_qp; ++p) {
+      float* qp = qpack + p * D * MR;
+      for (int r = 0; r < MR; ++r) {
+        const int64_t i = p * MR + r;
+        if (i < N) {
+          const T* qi = q + i * D;
+          for (int64_t d = 0; d < D; ++d) qp[d * MR + r] = (float)((double)qi[d] - mu[d]);
+        } else {
+          for (int64_t d = 0; d < D; ++d) qp[d * MR + r] = 0.0f;
+        }
+      }
+      double nrm[MR];
+      for (int r = 0; r < MR; ++r) nrm[r] = 0.0;
+      for (int64_t d = 0; d < D; ++d)
+        for (int r = 0; r < MR; ++r) nrm[r] += (double)qp[d * MR + r] * (double)qp[d * MR + r];
+      for (int r = 0; r < MR; ++r) {
+        nq[p * MR + r] = nrm[r];
+        a2max = std::max(a2max, nrm[r]);
+      }
+    }
+#pragma omp single
+    {
+      // fp32 must not overflow in the fast pass: |a_i| <= A, partial sums <= A B, |r| <= B^2 + 2AB.
+      const double s = std::sqrt(a2max) + std::sqrt(b2max);
+      overflow = !(s * s < 1e36);
+      bound = Bound{std::sqrt(b2max), (Simd::kFMA ? (double)L : 2.0 * (double)L) + (double)P, D};
+      for (int64_t s2 = 0; s2 < nks * Npad; ++s2) {
+        thr[s2] = std::numeric_limits<float>::infinity();
+        rn[s2] = 0;
+      }
+      if (dbg) t_packed = debug_clock();
+    }
+
+    // ---- 2. fast pass: candidates = the C smallest r = ||b||^2 - 2 a.b per query ----
+    if (!overflow) {
+      alignas(64) float acc_mem[MR * NR];
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < n_qr * nks; ++task) {
+        const int64_t qr = task / nks, kc = task % nks;
+        const int64_t p0 = qr * QRP, p1 = std::min(n_qp, p0 + QRP);
+        const int64_t t0 = kc * n_kt / nks, t1 = (kc + 1) * n_kt / nks;
+        for (int64_t tb = t0; tb < t1; tb += KB) {
+          const int64_t te = std::min(t1, tb + KB);
+          for (int64_t p = p0; p < p1; ++p) {
+            const float* qp = qpack + p * D * MR;
+            const int64_t row0 = kc * Npad + p * MR;
+            for (int64_t t = tb; t < te; ++t)
+              tile_kernel(qp, kpack + t * tile_stride, D, L, acc_mem,
+                          TopCEpi{res, row0, (int32_t)(t * NR)});
+          }
+        }
+      }
+      // implicit barrier
+
+      // ---- 3 + 4. merge chunks, exact re-rank, certificate ----
+#pragma omp single
+      {
+        if (dbg) t_fast = debug_clock();
+      }
+      std::vector<std::pair<float, int32_t>> cand(nks * RB);
+      std::vector<std::pair<double, int32_t>> ex(C);
+      std::vector<int64_t> my_failed;
+      std::vector<double> my_tau;
+#pragma omp for schedule(dynamic, 16) nowait
+      for (int64_t i = 0; i < N; ++i) {
+        int64_t nc = 0;
+        for (int64_t kc = 0; kc < nks; ++kc) {
+          const int64_t row = kc * Npad + i;
+          for (int32_t s = 0; s < rn[row]; ++s) cand[nc++] = {rv[row * RB + s], ri[row * RB + s]};
+        }
+        // the C smallest (value, index) pairs; Tc = the C-th smallest value. Every key that is not a
+        // candidate has r >= Tc.
+        if (nc > C) {
+          std::nth_element(cand.begin(), cand.begin() + (C - 1), cand.begin() + nc);
+          nc = C;
+        }
+        float Tc = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < nc; ++s) Tc = std::max(Tc, cand[s].first);
+        const T* qi = q + i * D;
+        if (nc > 0) prefetch_row(key + (int64_t)cand[0].second * D, D);
+        for (int64_t s = 0; s < nc; ++s) {
+          if (s + 1 < nc) prefetch_row(key + (int64_t)cand[s + 1].second * D, D);
+          ex[s] = {exact_d2(qi, key + (int64_t)cand[s].second * D, D), cand[s].second};
+        }
+        std::partial_sort(ex.begin(), ex.begin() + k, ex.begin() + nc);
+        const double Dk = ex[k - 1].first;
+        const double delta = bound(std::sqrt(nq[i]));
+        const double slop = 4.0 * std::ldexp(1.0, -52) * (nq[i] + std::fabs((double)Tc) + delta + Dk);
+        if (nq[i] + (double)Tc - delta - slop > Dk) {  // certified: no other key can reach the top k
+          for (int64_t s = 0; s < k; ++s) {
+            od[i * k + s] = (OutT)ex[s].first;
+            oi[i * k + s] = ex[s].second;
+          }
+        } else {
+          my_failed.push_back(i);
+          my_tau.push_back(Dk - nq[i] + delta + slop);
+        }
+      }
+#pragma omp critical
+      {
+        failed.insert(failed.end(), my_failed.begin(), my_failed.end());
+        fail_tau.insert(fail_tau.end(), my_tau.begin(), my_tau.end());
+      }
+    }
+  }
+  if (overflow) {
+    brute_force(q, key, N, M, D, k, od, oi, nt);
+    return;
+  }
+  if (dbg)
+    fprintf(stderr,
+            "fastgen.knn: N=%lld M=%lld D=%lld k=%lld C=%lld L=%lld nks=%lld threads=%d: %zu of %lld queries "
+            "uncertified; cpu time: pack %.2f ms, fast pass %.2f ms, re-rank %.2f ms\n",
+            (long long)N, (long long)M, (long long)D, (long long)k, (long long)C, (long long)L, (long long)nks, nt,
+            failed.size(), (long long)N, 1e3 * (t_packed - t_start), 1e3 * (t_fast - t_packed),
+            1e3 * (debug_clock() - t_fast));
+  if (failed.empty()) return;
+
+  // ---- fallback: rescan every key for the uncertified queries; evaluate exactly every key whose
+  // rigorous lower bound ||a||^2 + r - delta does not exceed the current exact k-th distance ----
+  std::vector<int64_t> order(failed.size());
+  for (size_t s = 0; s < order.size(); ++s) order[s] = (int64_t)s;
+  std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return failed[x] < failed[y]; });
+  std::vector<int64_t> fq(failed.size());
+  std::vector<double> ftau(failed.size());
+  for (size_t s = 0; s < order.size(); ++s) {
+    fq[s] = failed[order[s]];
+    ftau[s] = fail_tau[order[s]];
+  }
+  const int64_t nf = (int64_t)fq.size();
+  const int64_t n_fp = (nf + MR - 1) / MR;
+  const int64_t Fpad = n_fp * MR;
+  Buf<float> fpack((size_t)(n_fp * D * MR));
+  for (int64_t p = 0; p < n_fp; ++p) {
+    float* fp = fpack.p + p * D * MR;
+    for (int r = 0; r < MR; ++r) {
+      const int64_t s = p * MR + r;
+      if (s < nf) {
+        const int64_t i = fq[s];
+        const float* src = qpack + (i / MR) * D * MR + (i % MR);
+        for (int64_t d = 0; d < D; ++d) fp[d * MR + r] = src[d * MR];
+      } else {
+        for (int64_t d = 0; d < D; ++d) fp[d * MR + r] = 0.0f;
+      }
+    }
+  }
+  const int64_t FRP = std::max<int64_t>(1, std::min<int64_t>(16, (n_fp + 2 * nt - 1) / (2 * nt)));
+  const int64_t n_fr = (n_fp + FRP - 1) / FRP;
+  int64_t fks = 1;
+  if (nt > 1 && n_fr < 4 * nt) fks = std::min<int64_t>(n_kt, (4 * nt + n_fr - 1) / n_fr);
+  Buf<double> ev((size_t)(fks * Fpad * k));
+  Buf<int32_t> ei((size_t)(fks * Fpad * k));
+  std::vector<int32_t> en(fks * Fpad, 0);
+  Buf<float> tau((size_t)(fks * Fpad));
+  for (int64_t kc = 0; kc < fks; ++kc)
+    for (int64_t s = 0; s < Fpad; ++s)
+      tau[kc * Fpad + s] = s < nf ? float_up(ftau[s]) : std::numeric_limits<float>::quiet_NaN();
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    alignas(64) float acc_mem[MR * NR];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_fr * fks; ++task) {
+      const int64_t qr = task / fks, kc = task % fks;
+      const int64_t p0 = qr * FRP, p1 = std::min(n_fp, p0 + FRP);
+      const int64_t t0 = kc * n_kt / fks, t1 = (kc + 1) * n_kt / fks;
+      for (int64_t tb = t0; tb < t1; tb += KB) {
+        const int64_t te = std::min(t1, tb + KB);
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* fp = fpack.p + p * D * MR;
+          const int64_t row0 = kc * Fpad + p * MR;
+          float* tau_p = tau.p + row0;
+          for (int64_t t = tb; t < te; ++t) {
+            const int32_t key0 = (int32_t)(t * NR);
+            auto h = [&](int r, const float*, uint64_t m) {
+                                const int64_t i = fq[p * MR + r];
+                                const int64_t row = row0 + r;
+                                double* v = ev.p + row * k;
+                                int32_t* id = ei.p + row * k;
+                                int32_t& n = en[row];
+                                const T* qi = q + i * D;
+                                while (m) {
+                                  const int bit = __builtin_ctzll(m);
+                                  m &= m - 1;
+                                  const int32_t j = key0 + bit;
+                                  heap_offer(v, id, n, (int)k, exact_d2(qi, key + (int64_t)j * D, D), j);
+                                }
+                                if (n == k) {  // tighten: only keys that can still beat the k-th
+                                  const double delta = bound(std::sqrt(nq[i]));
+                                  const double slop = 4.0 * std::ldexp(1.0, -52) * (nq[i] + delta + v[0]);
+                                  tau_p[r] = std::min(tau_p[r], float_up(v[0] - nq[i] + delta + slop));
+                                }
+                              };
+            tile_kernel(fp, kpack + t * tile_stride, D, L, acc_mem, CollectEpi<decltype(h)>{tau_p, h});
+          }
+        }
+      }
+    }
+    std::vector<std::pair<double, int32_t>> ex(fks * k);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t s = 0; s < nf; ++s) {
+      int64_t n = 0;
+      for (int64_t kc = 0; kc < fks; ++kc) {
+        const int64_t row = kc * Fpad + s;
+        for (int32_t e = 0; e < en[row]; ++e) ex[n++] = {ev[row * k + e], ei[row * k + e]};
+      }
+      // n >= k: the k best candidates of the fast pass have d <= Dk and are collected again
+      std::partial_sort(ex.begin(), ex.begin() + std::min<int64_t>(k, n), ex.begin() + n);
+      const int64_t i = fq[s];
+      for (int64_t e = 0; e < k; ++e) {
+        od[i * k + e] = e < n ? (OutT)ex[e].first : std::numeric_limits<OutT>::quiet_NaN();
+        oi[i * k + e] = e < n ? ex[e].second : -1;
+      }
+    }
+  }
+}
+
+template <typename T, typename OutT>
+void knn_batched(const T* q, const T* key, int64_t B, int64_t N, int64_t M, int64_t D, int64_t k, OutT* od,
+                 int64_t* oi) {
+  const int nt = num_threads_for(B * N * M * D);
+  if (B >= 2 * nt && nt > 1) {
+    // many small problems: one thread per batch element
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b)
+      knn_one<T, OutT>(q + b * N * D, key + b * M * D, N, M, D, k, od + b * N * k, oi + b * N * k, 1);
+  } else {
+    for (int64_t b = 0; b < B; ++b)
+      knn_one<T, OutT>(q + b * N * D, key + b * M * D, N, M, D, k, od + b * N * k, oi + b * N * k, nt);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& key, int64_t k) {
+  TORCH_CHECK(query.dim() == 3, "fastgen::knn: query must be [B, N, D], got ", query.sizes());
+  TORCH_CHECK(key.dim() == 3, "fastgen::knn: key must be [B, M, D], got ", key.sizes());
+  TORCH_CHECK(query.size(0) == key.size(0), "fastgen::knn: batch sizes differ: query ", query.size(0), ", key ",
+              key.size(0));
+  TORCH_CHECK(query.size(2) == key.size(2), "fastgen::knn: feature dims differ: query ", query.size(2), ", key ",
+              key.size(2));
+  TORCH_CHECK(query.scalar_type() == key.scalar_type(), "fastgen::knn: query and key dtypes differ");
+  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
+              "fastgen::knn: expected float32 or float64 inputs, got ", query.scalar_type());
+  const int64_t B = query.size(0), N = query.size(1), M = key.size(1), D = query.size(2);
+  TORCH_CHECK(k >= 1 && k <= M, "fastgen::knn: need 1 <= k <= M, got k = ", k, ", M = ", M);
+  TORCH_CHECK(M < (int64_t)INT32_MAX, "fastgen::knn: M must be < 2^31");
+  TORCH_CHECK(D >= 1, "fastgen::knn: D must be >= 1");
+  const at::Tensor qc = query.contiguous(), kc = key.contiguous();
+  at::Tensor dist = at::empty({B, N, k}, query.options());
+  at::Tensor index = at::empty({B, N, k}, query.options().dtype(at::kLong));
+  if (B * N == 0) return {dist, index};
+  if (query.scalar_type() == at::kFloat) {
+    knn_batched<float, float>(qc.data_ptr<float>(), kc.data_ptr<float>(), B, N, M, D, k, dist.data_ptr<float>(),
+                              index.data_ptr<int64_t>());
+  } else {
+    knn_batched<double, double>(qc.data_ptr<double>(), kc.data_ptr<double>(), B, N, M, D, k,
+                                dist.data_ptr<double>(), index.data_ptr<int64_t>());
+  }
+  return {dist, index};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgen, CPU, m) { m.impl("knn", &knn_cpu); }
