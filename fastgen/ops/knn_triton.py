@@ -143,9 +143,9 @@ if _HAS_TRITON:
             d = d0 + tl.arange(0, BLOCK_D)
             dm = d < D
             m2 = rmask[:, None] & dm[None, :]
-            x = tl.load(x_base + d[None, :].to(tl.int64) * s_xd, mask=m2, other=0.0).to(tl.float32)
-            mu = tl.load(MU + b64 * s_mub + d, mask=dm, other=0.0)
-            xc = tl.where(m2, x - mu[None, :], 0.0)
+            x = tl.load(x_base + d[None, :].to(tl.int64) * s_xd, mask=m2, other=0.0)
+            mu = tl.load(MU + b64 * s_mub + d, mask=dm, other=0.0)  # fp64 for fp64 inputs
+            xc = tl.where(m2, x.to(MU.dtype.element_ty) - mu[None, :], 0.0).to(tl.float32)
             acc_u += tl.sum(xc * xc, axis=1)
             if ROUND == 1:  # to TF32 (10-bit fraction), round half away from zero
                 bits = xc.to(tl.int32, bitcast=True)
@@ -179,20 +179,31 @@ if _HAS_TRITON:
         cols_m = tl.arange(0, BLOCK_M)
         cols_c = tl.arange(0, C)
         q_ptrs = QC + (b64 * Np + offs_n.to(tl.int64)[:, None]) * Dp + offs_d[None, :]
-        if Q_RESIDENT:
-            q = tl.load(q_ptrs)
         m_start = s * m_chunk
         m_end = tl.minimum(m_start + m_chunk, M)
+        k_base = KC + b64 * Mp * Dp
+        if Q_RESIDENT:
+            # the key loop holds a data-dependent while loop, so Triton does not software-
+            # pipeline it: prefetch the next key tile into registers by hand instead
+            q = tl.load(q_ptrs)
+            m_last = m_start + ((m_end - m_start - 1) // BLOCK_M) * BLOCK_M
+            kt_next = tl.load(k_base + (m_start + cols_m).to(tl.int64)[:, None] * Dp + offs_d[None, :])
+            kcol_next = tl.load(KCOL + b64 * Mp + m_start + cols_m)
         vals = tl.full([BLOCK_N, C], float("inf"), tl.float32)
         idxs = tl.full([BLOCK_N, C], -1, tl.int32)
         T = tl.full([BLOCK_N], float("inf"), tl.float32)
         for m0 in range(m_start, m_end, BLOCK_M):
             offs_m = m0 + cols_m
-            k_ptrs = KC + (b64 * Mp + offs_m.to(tl.int64)[:, None]) * Dp + offs_d[None, :]
             if Q_RESIDENT:
-                kt = tl.load(k_ptrs)
+                kt = kt_next
+                kcol = kcol_next
+                m_nx = tl.minimum(m0 + BLOCK_M, m_last)  # the last tile re-reads itself
+                kt_next = tl.load(k_base + (m_nx + cols_m).to(tl.int64)[:, None] * Dp + offs_d[None, :])
+                kcol_next = tl.load(KCOL + b64 * Mp + m_nx + cols_m)
                 acc = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC, out_dtype=tl.float32)
             else:
+                k_ptrs = k_base + offs_m.to(tl.int64)[:, None] * Dp + offs_d[None, :]
+                kcol = tl.load(KCOL + b64 * Mp + offs_m)  # +inf on padded keys
                 acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 qp = q_ptrs
                 for _d0 in range(0, Dp, BLOCK_D):
@@ -201,12 +212,12 @@ if _HAS_TRITON:
                     acc = tl.dot(a, tl.trans(kt), acc, input_precision=DOT_PREC, out_dtype=tl.float32)
                     qp += BLOCK_D
                     k_ptrs += BLOCK_D
-            kcol = tl.load(KCOL + b64 * Mp + offs_m)  # +inf on padded keys
-            v = kcol[None, :] - 2.0 * acc
+            v = kcol[None, :] - 2.0 * acc  # kcol = +inf on padded keys
             tmin = tl.min(v, axis=1)
             need = tl.max((tmin < T).to(tl.int32), axis=0)
             while need > 0:  # insert the tile's smallest entries below the C-th value
-                x, xi = tl.min(v, axis=1, return_indices=True)
+                x = tl.min(v, axis=1)
+                xi = tl.min(tl.where(v == x[:, None], cols_m[None, :], BLOCK_M), axis=1)
                 ins = x < T
                 _tm, p = tl.max(vals, axis=1, return_indices=True)
                 sel = ins[:, None] & (cols_c[None, :] == p[:, None])
@@ -223,7 +234,7 @@ if _HAS_TRITON:
     @triton.jit
     def _rerank_kernel(Q, K, IDX, OUT, N, D, n_blocks,
                        s_qb, s_qn, s_qd, s_kb, s_km, s_kd, s_ib, s_in, s_ic,
-                       C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       C: tl.constexpr, BLOCK_N: tl.constexpr):
         """OUT[b, n, c] = sum_d (q[b,n,d] - k[b,idx[b,n,c],d])^2 in float64 (+inf for idx < 0)."""
         pid = tl.program_id(0)
         b = pid // n_blocks
@@ -235,28 +246,54 @@ if _HAS_TRITON:
         idx = tl.load(IDX + b64 * s_ib + offs_n.to(tl.int64)[:, None] * s_in + cols[None, :] * s_ic,
                       mask=nmask[:, None], other=-1)
         valid = idx >= 0
-        krow = tl.where(valid, idx, 0).to(tl.int64)
-        q_base = Q + b64 * s_qb + offs_n.to(tl.int64)[:, None] * s_qn
-        k_base = K + b64 * s_kb + krow[:, :, None] * s_km
+        qp = Q + b64 * s_qb + offs_n.to(tl.int64) * s_qn
+        kp = K + b64 * s_kb + tl.where(valid, idx, 0).to(tl.int64) * s_km
         acc = tl.zeros([BLOCK_N, C], dtype=tl.float64)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = d < D
-            d64 = d.to(tl.int64)
-            qv = tl.load(q_base + d64[None, :] * s_qd, mask=nmask[:, None] & dm[None, :], other=0.0)
-            kv = tl.load(k_base + d64[None, None, :] * s_kd,
-                         mask=valid[:, :, None] & dm[None, None, :], other=0.0)
-            diff = qv.to(tl.float64)[:, None, :] - kv.to(tl.float64)
-            acc += tl.sum(diff * diff, axis=2)
+        for _d in range(0, D):
+            qv = tl.load(qp, mask=nmask, other=0.0).to(tl.float64)
+            kv = tl.load(kp, mask=valid, other=0.0).to(tl.float64)
+            diff = qv[:, None] - kv
+            acc += diff * diff
+            qp += s_qd
+            kp += s_kd
         acc = tl.where(valid, acc, float("inf"))
         tl.store(OUT + (b64 * N + offs_n.to(tl.int64)[:, None]) * C + cols[None, :], acc,
                  mask=nmask[:, None])
 
     @triton.jit
+    def _direct_tile(q_rows, qmask, k_rows, kmask, s_qd, s_kd, D,
+                     ACC: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+        """[BN, BM] sums over d of (q_d - k_d)^2 in ACC precision (direct differences, no
+        cancellation). Four coordinates per step, loaded as 2-D tiles and split into columns
+        (about two instructions per pair and coordinate in SASS)."""
+        rd = tl.arange(0, 4)
+        v = tl.zeros([BN, BM], dtype=ACC)
+        for d0 in range(0, D, 4):
+            dd = (d0 + rd).to(tl.int64)
+            dm = dd < D
+            q = tl.load(q_rows[:, None] + dd[None, :] * s_qd, mask=qmask[:, None] & dm[None, :], other=0.0)
+            k = tl.load(k_rows[:, None] + dd[None, :] * s_kd, mask=kmask[:, None] & dm[None, :], other=0.0)
+            q01, q23 = tl.split(tl.permute(tl.reshape(q.to(ACC), [BN, 2, 2]), [0, 2, 1]))
+            q0, q1 = tl.split(q01)
+            q2, q3 = tl.split(q23)
+            k01, k23 = tl.split(tl.permute(tl.reshape(k.to(ACC), [BM, 2, 2]), [0, 2, 1]))
+            k0, k1 = tl.split(k01)
+            k2, k3 = tl.split(k23)
+            t = q0[:, None] - k0[None, :]
+            v += t * t
+            t = q1[:, None] - k1[None, :]
+            v += t * t
+            t = q2[:, None] - k2[None, :]
+            v += t * t
+            t = q3[:, None] - k3[None, :]
+            v += t * t
+        return v
+
+    @triton.jit
     def _scan_kernel(Q, K, FLAG, OUT_D, OUT_I, N, M, D, k, n_blocks,
                      s_qb, s_qn, s_qd, s_kb, s_km, s_kd, beta, tiny,
                      TIER: tl.constexpr, ACC: tl.constexpr, KP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
         """Tiers 2 and 3: brute force over all M keys by direct differences for the queries of
         this block whose FLAG is TIER - 1; a block without one does nothing.
 
@@ -282,7 +319,7 @@ if _HAS_TRITON:
                 live = cols[None, :] >= 0
             vals = tl.full([BLOCK_N, KP], float("inf"), ACC)
             idxs = tl.zeros([BLOCK_N, KP], dtype=tl.int32) + (M + cols)[None, :]  # distinct sentinels
-            q_base = Q + b64 * s_qb + offs_n.to(tl.int64)[:, None] * s_qn
+            q_rows = Q + b64 * s_qb + offs_n.to(tl.int64) * s_qn
             # lexicographic max (T, iT) of the live slots, and its slot p
             T = tl.max(tl.where(live, vals, -float("inf")), axis=1)
             atT = live & (vals == T[:, None])
@@ -291,17 +328,8 @@ if _HAS_TRITON:
             for m0 in range(0, M, BLOCK_M):
                 offs_m = m0 + cols_m
                 mm = offs_m < M
-                k_base = K + b64 * s_kb + offs_m.to(tl.int64)[None, :, None] * s_km
-                v = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
-                for d0 in range(0, D, BLOCK_D):
-                    d = d0 + tl.arange(0, BLOCK_D)
-                    dm = d < D
-                    d64 = d.to(tl.int64)
-                    qv = tl.load(q_base + d64[None, :] * s_qd, mask=nmask[:, None] & dm[None, :], other=0.0)
-                    kv = tl.load(k_base + d64[None, None, :] * s_kd,
-                                 mask=mm[None, :, None] & dm[None, None, :], other=0.0)
-                    diff = qv.to(ACC)[:, None, :] - kv.to(ACC)
-                    v += tl.sum(diff * diff, axis=2)
+                k_rows = K + b64 * s_kb + offs_m.to(tl.int64) * s_km
+                v = _direct_tile(q_rows, nmask, k_rows, mm, s_qd, s_kd, D, ACC, BLOCK_N, BLOCK_M)
                 v = tl.where(mm[None, :] & active[:, None], v, float("inf"))
                 better = (v < T[:, None]) | ((v == T[:, None]) & (offs_m[None, :] < iT[:, None]))
                 better = better & (v < float("inf"))
@@ -325,17 +353,16 @@ if _HAS_TRITON:
                 # exact float64 re-rank of the KP candidates (sentinel slots -> +inf)
                 valid = idxs < M
                 krow = tl.where(valid, idxs, 0).to(tl.int64)
-                kc_base = K + b64 * s_kb + krow[:, :, None] * s_km
+                qp = q_rows
+                kp = K + b64 * s_kb + krow * s_km
                 ex = tl.zeros([BLOCK_N, KP], dtype=tl.float64)
-                for d0 in range(0, D, BLOCK_D):
-                    d = d0 + tl.arange(0, BLOCK_D)
-                    dm = d < D
-                    d64 = d.to(tl.int64)
-                    qv = tl.load(q_base + d64[None, :] * s_qd, mask=nmask[:, None] & dm[None, :], other=0.0)
-                    kv = tl.load(kc_base + d64[None, None, :] * s_kd,
-                                 mask=valid[:, :, None] & dm[None, None, :], other=0.0)
-                    diff = qv.to(tl.float64)[:, None, :] - kv.to(tl.float64)
-                    ex += tl.sum(diff * diff, axis=2)
+                for _d in range(0, D):
+                    qv = tl.load(qp, mask=nmask, other=0.0).to(tl.float64)
+                    kv = tl.load(kp, mask=valid, other=0.0).to(tl.float64)
+                    diff = qv[:, None] - kv
+                    ex += diff * diff
+                    qp += s_qd
+                    kp += s_kd
                 ex = tl.where(valid, ex, float("inf"))
                 t_c = tl.max(vals, axis=1).to(tl.float64)  # the C-th fp32 value (+inf: all keys kept)
             else:
@@ -343,7 +370,7 @@ if _HAS_TRITON:
             # emit k results in (distance, index) order
             o_base = (b64 * N + offs_n.to(tl.int64)) * k
             big = M + KP
-            alive = live
+            alive = tl.broadcast_to(live, [BLOCK_N, KP])
             ek = tl.zeros([BLOCK_N], dtype=tl.float64)
             for c in range(0, k):
                 x = tl.min(tl.where(alive, ex, float("inf")), axis=1)
@@ -364,30 +391,29 @@ if _HAS_TRITON:
 
 
 def _cand_configs(Dp: int, C: int, elt_bytes: int) -> list:
-    """Autotune space of the tier-1 candidate pass for padded dimension Dp (CUDA)."""
+    """Autotune space of the tier-1 candidate pass for padded dimension Dp (CUDA, Hopper-minded:
+    128-row tiles map onto warp-group MMAs; configs whose shared memory exceeds ~220 KB or whose
+    running top-C would not fit in registers are left out)."""
     max_bn = 128 if C <= 16 else (64 if C <= 32 else 32)
-    tiles = [(128, 128, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4), (32, 64, 4), (16, 64, 4)]
     out = []
-    if Dp <= 128:  # the query tile stays in registers / shared memory across key tiles
+    if Dp <= 128:  # the query tile stays resident across key tiles (no D loop)
+        tiles = [(128, 128, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4), (32, 64, 4), (16, 64, 4)]
         for bn, bm, w in tiles:
-            if bn > max_bn:
+            if bn > max_bn or (bn + bm) * Dp * elt_bytes > 220 * 1024:
                 continue
-            for st in (2, 3, 4):
-                if bn * bm >= 128 * 128 and st == 4:
-                    continue
+            for st in (2, 3):  # stages only matter for the loads Triton can pipeline here
                 out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=Dp, Q_RESIDENT=True),
                                          num_warps=w, num_stages=st))
-    else:
-        bds = (32, 64) if elt_bytes == 4 else (64, 128)
-        for bn, bm, w in tiles[:5]:
-            if bn > max_bn:
+    else:  # (BLOCK_N, BLOCK_M, warps, BLOCK_D in 4-byte units, stages); 16-bit data doubles BLOCK_D
+        plan = [(128, 256, 8, 32, 3), (128, 256, 8, 32, 4), (128, 128, 8, 32, 3), (128, 128, 8, 32, 4),
+                (128, 128, 8, 64, 3), (128, 64, 4, 32, 4), (128, 64, 4, 64, 3), (64, 128, 4, 32, 4),
+                (64, 128, 4, 64, 3), (64, 64, 4, 64, 3), (32, 64, 4, 64, 3)]
+        for bn, bm, w, bd, st in plan:
+            bd = bd * 4 // elt_bytes
+            if bn > max_bn or (bm == 256 and C > 8) or Dp % bd or st * (bn + bm) * bd * elt_bytes > 220 * 1024:
                 continue
-            for bd in bds:
-                if Dp % bd:
-                    continue
-                for st in (3, 4):
-                    out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, Q_RESIDENT=False),
-                                             num_warps=w, num_stages=st))
+            out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, Q_RESIDENT=False),
+                                     num_warps=w, num_stages=st))
     return out
 
 
@@ -436,21 +462,38 @@ def _center(x: torch.Tensor, mu: torch.Tensor, Rp: int, Dp: int, precision: str,
     return xc, nr2, nu2
 
 
+def _rerank_config(C: int, interp: bool) -> dict:
+    """Block size of the re-rank kernel ([BLOCK_N, C] float64 accumulators)."""
+    if interp:
+        return dict(BLOCK_N=max(1, min(32, 512 // C)), num_warps=4)
+    return dict(BLOCK_N=max(1, min(64, 1024 // C)), num_warps=4)
+
+
+def _scan_config(tier: int, kp: int, interp: bool) -> dict:
+    """Block sizes of the tier-2 / tier-3 scans ([BLOCK_N, BLOCK_M] accumulators, KP slots)."""
+    if interp:
+        return dict(BLOCK_N=16 if tier == 3 else 32, BLOCK_M=64, num_warps=4)
+    if tier == 2:
+        return dict(BLOCK_N=max(8, min(64, 1024 // kp)), BLOCK_M=64, num_warps=4)
+    return dict(BLOCK_N=max(8, min(32, 512 // kp)), BLOCK_M=64, num_warps=4)
+
+
 def _scan(tier, query, key, flags, d_out, i_out, k, C, interp):
     B, N, D = query.shape
     M = key.shape[1]
-    if tier == 2:
-        acc, kp = tl.float32, C
-        bn, bm, bd = (32, 32, 8) if not interp else (32, 64, min(32, max(16, _next_pow2(D))))
+    fp64_in = query.dtype == torch.float64 or key.dtype == torch.float64
+    if tier == 2 and not fp64_in:
+        acc, kp, beta, tiny = tl.float32, C, _direct_beta(D), D * 2.0 ** -148
+    elif tier == 2:  # float64 inputs: the direct differences must be taken in float64
+        acc, kp, beta, tiny = tl.float64, C, 1.25 * (D + 4) * _U64, D * 2.0 ** -1073
     else:
-        acc, kp = tl.float64, _next_pow2(k)
-        bn, bm, bd = (16, 32, 8) if not interp else (16, 64, min(32, max(16, _next_pow2(D))))
-    nb = _cdiv(N, bn)
+        acc, kp, beta, tiny = tl.float64, _next_pow2(k), 0.0, 0.0
+    cfg = _scan_config(tier, kp, interp)
+    nb = _cdiv(N, cfg["BLOCK_N"])
     _scan_kernel[(B * nb,)](query, key, flags, d_out, i_out, N, M, D, k, nb,
                             query.stride(0), query.stride(1), query.stride(2),
                             key.stride(0), key.stride(1), key.stride(2),
-                            _direct_beta(D), D * 2.0 ** -148,
-                            TIER=tier, ACC=acc, KP=kp, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=4)
+                            beta, tiny, TIER=tier, ACC=acc, KP=kp, **cfg)
 
 
 def _tier1(query, key, C, split, precision):
@@ -469,7 +512,8 @@ def _tier1(query, key, C, split, precision):
     buf_dtype = torch.bfloat16 if (precision == "bf16" and not interp) else torch.float32
 
     # 1. centre on the key mean, round to the candidate precision
-    mu = key.mean(dim=1, dtype=torch.float32)  # [B, D]
+    # [B, D]; float64 inputs are centred in float64 before rounding to float32
+    mu = key.mean(dim=1, dtype=torch.float64 if key.dtype == torch.float64 else torch.float32)
     qc, qr2, qu2 = _center(query, mu, Np, Dp, precision, buf_dtype)
     kc, kr2, ku2 = _center(key, mu, Mp, Dp, precision, buf_dtype)
     alpha = _error_coefficients(Dp)
@@ -531,8 +575,8 @@ def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candida
     """Exact k nearest neighbours with Triton kernels (see the module docstring).
 
     query [B, N, D] (or [N, D]), key [B, M, D] (or [M, D]) with the same B and D; float32 /
-    float16 / bfloat16 (float64 is searched with float32 / TF32 candidates and re-ranked
-    exactly), on CUDA (or on CPU under TRITON_INTERPRET=1); 1 <= k <= M < 2^31. Inputs are
+    float16 / bfloat16 (float64 inputs are centred in float64, searched with TF32 candidates
+    and re-ranked in float64), on CUDA (or on CPU under TRITON_INTERPRET=1); 1 <= k <= M < 2^31. Inputs are
     assumed finite (fastgen.knn validates them).
 
     Returns (dist2 float32 [B, N, k] ascending, index int64 [B, N, k]) with ties going to the
@@ -571,14 +615,13 @@ def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candida
 
     # 3. exact re-rank of the candidates (float64 direct differences of the original inputs)
     exact = torch.empty((B, N, C), dtype=torch.float64, device=device)
-    rbn = max(1, min(64, 256 // C)) if not interp else max(1, min(32, 512 // C))
-    rbd = 32 if not interp else min(64, max(16, _next_pow2(D)))
-    nrb = _cdiv(N, rbn)
+    rcfg = _rerank_config(C, interp)
+    nrb = _cdiv(N, rcfg["BLOCK_N"])
     _rerank_kernel[(B * nrb,)](query, key, ci, exact, N, D, nrb,
                                query.stride(0), query.stride(1), query.stride(2),
                                key.stride(0), key.stride(1), key.stride(2),
                                ci.stride(0), ci.stride(1), ci.stride(2),
-                               C=C, BLOCK_N=rbn, BLOCK_D=rbd, num_warps=4)
+                               C=C, **rcfg)
     # sort by (exact distance, index): ties -> lowest index
     si, p1 = torch.sort(ci.long(), dim=-1)
     ex, p2 = torch.sort(exact.gather(-1, p1), dim=-1, stable=True)
