@@ -358,3 +358,78 @@ def test_auto_backend_and_module():
         fastgen.nn.GaussianNLLLoss()(x, t, -v.detach())
     assert math.isclose(float(fastgen.gaussian_nll_loss(torch.zeros(3), torch.zeros(3), 1.0, full=True)),
                         0.5 * math.log(2 * math.pi), rel_tol=1e-6)
+
+
+# ---- real GPU (skipped without CUDA): large shapes, > 2^31 elements, fp16 / bf16 ---------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vkind", ["elem", "row", "middle"])
+def test_gpu_large_shapes(dtype, vkind):
+    dev = "cuda"
+    shape = (8192, 16384) if vkind != "middle" else (64, 128, 16384)
+    vshape = {"elem": shape, "row": (8192, 1), "middle": (64, 1, 16384)}[vkind]
+    x = torch.randn(shape, device=dev).to(dtype).requires_grad_()
+    t = torch.randn(shape, device=dev).to(dtype)
+    v = (torch.rand(vshape, device=dev) + 0.1).to(dtype).requires_grad_()
+    for reduction in ("mean", "sum"):
+        with use_backend("triton", "gaussian_nll"):
+            out = fastgen.gaussian_nll_loss(x, t, v, full=True, reduction=reduction)
+        gx, gv = torch.autograd.grad(out, [x, v])
+        x64, v64 = x.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+        want = F.gaussian_nll_loss(x64, t.double(), v64, full=True, reduction=reduction)
+        ex, ev = torch.autograd.grad(want, [x64, v64])
+        assert out.dtype == dtype and gx.dtype == gv.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(gx.double(), ex, rtol=tol, atol=tol * ex.abs().max().item())
+        torch.testing.assert_close(gv.double(), ev, rtol=tol * 10, atol=tol * ev.abs().max().item())
+        del gx, gv, ex, ev, x64, v64
+    with use_backend("triton", "gaussian_nll"):
+        none = fastgen.gaussian_nll_loss(x, t, v, reduction="none")
+    torch.testing.assert_close(none.float(), F.gaussian_nll_loss(x.float(), t.float(), v.float(), reduction="none"),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vkind", ["elem", "row"])
+def test_gpu_more_than_2_31_elements(vkind):
+    # int64 offsets: the elements past 2^31 get the right loss and gradients (bfloat16: 4 GiB a tensor)
+    dev, dtype = "cuda", torch.bfloat16
+    rows, cols = 2**16 + 8, 2**15
+    x = torch.randn(rows, cols, device=dev, dtype=dtype).requires_grad_()
+    t = torch.randn(rows, cols, device=dev, dtype=dtype)
+    v = (torch.rand(rows, cols if vkind == "elem" else 1, device=dev) + 0.5).to(dtype).requires_grad_()
+    assert x.numel() > 2**31
+    with use_backend("triton", "gaussian_nll"):
+        out = fastgen.gaussian_nll_loss(x, t, v, reduction="sum")
+    gx, gv = torch.autograd.grad(out, [x, v])
+    want = 0.0
+    for r0 in range(0, rows, 4096):  # float64 reference in chunks
+        sl = slice(r0, r0 + 4096)
+        want += float(F.gaussian_nll_loss(x[sl].double(), t[sl].double(), v[sl].double(), reduction="sum"))
+    assert abs(float(out) - want) <= 1e-2 * abs(want)
+    tail = slice(rows - 16, rows)  # rows entirely beyond element 2^31
+    xx, vv = x[tail].detach().double().requires_grad_(), v[tail].detach().double().requires_grad_()
+    ex, ev = torch.autograd.grad(F.gaussian_nll_loss(xx, t[tail].double(), vv, reduction="sum"), [xx, vv])
+    torch.testing.assert_close(gx[tail].double(), ex, rtol=2e-2, atol=2e-2 * ex.abs().max().item())
+    torch.testing.assert_close(gv[tail].double(), ev, rtol=2e-2, atol=2e-2 * ev.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_with_log_var_and_scale_on_device():
+    # log_var: no negative-var check, so no host read; grad_output != 1 is applied on device
+    dev = "cuda"
+    x = torch.randn(1024, 4096, device=dev, requires_grad=True)
+    t = torch.randn(1024, 4096, device=dev)
+    lv = torch.randn(1024, 4096, device=dev, requires_grad=True)
+    with use_backend("triton", "gaussian_nll"):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = fastgen.gaussian_nll_loss(x, t, lv, log_var=True, beta=0.5)
+            (2.5 * out).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    xx, ll = x.detach().clone().requires_grad_(), lv.detach().clone().requires_grad_()
+    (2.5 * ref.gaussian_nll_loss(xx, t, ll, log_var=True, beta=0.5)).backward()
+    torch.testing.assert_close(x.grad, xx.grad, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(lv.grad, ll.grad, rtol=1e-5, atol=1e-9)

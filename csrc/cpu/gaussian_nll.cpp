@@ -20,9 +20,10 @@
 // reduction "none", where grad_output is per element.
 //
 // Compute is in float for float / half / bfloat16 (double for double); sums of a tile are
-// float, sums of tiles double. log and exp are branch-free polynomial versions (musl / Cephes
-// coefficients, < 1 ulp and ~1 ulp) that the compiler vectorises; special values (0, inf,
-// NaN, subnormals) are handled like libm.
+// float, sums of tiles double. The float path is written on 16-lane GCC/Clang vector types
+// (AVX-512, AVX2 or SSE code from the same source), with branch-free polynomial log and exp
+// (musl / Cephes coefficients, < 1 ulp and ~1 ulp; 0, inf, NaN and subnormals handled like
+// libm): GCC does not vectorise a scalar loop calling logf without -ffast-math.
 #include <torch/extension.h>
 #include <torch/library.h>
 
