@@ -173,6 +173,35 @@ def test_candidate_bound_is_a_lower_bound():
             assert bool((full[outside].view(len(q), -1).min(1).values >= lb[0].cpu()).all()), prec
 
 
+def test_public_knn_backend_triton_and_grad():
+    import fastgen
+
+    q = (torch.randn(2, 20, 6, device=DEV) + 30).requires_grad_()
+    key = (torch.randn(2, 90, 6, device=DEV) + 30).requires_grad_()
+    d, i = fastgen.knn(q, key, 3, backend="triton")
+    rd, ri = ref_knn(q, key, 3)
+    assert torch.equal(i.cpu(), ri.cpu())
+    d.sum().backward()
+    assert q.grad is not None and key.grad is not None
+    with _dispatch.use_backend("triton", op="knn"):
+        d2, i2 = fastgen.knn(q.detach()[0], key.detach()[0], 2)
+    assert torch.equal(i2.cpu(), ri[0, :, :2].cpu())
+
+
+def test_float64_inputs():
+    # float64 data far from the origin: centred in float64, dist2 returned in float64
+    g = torch.Generator().manual_seed(7)
+    key, c = clustered(200, 10, gen=g, offset=1e6)
+    q, _ = clustered(30, 10, centres=c, gen=g, offset=1e6)
+    q, key = q.double().to(DEV), key.double().to(DEV)
+    q = q + 1e-9 * torch.randn(q.shape, generator=g, dtype=torch.float64).to(DEV)
+    d, i = kt.knn_triton(q, key, 3)
+    assert d.dtype == torch.float64
+    rd, ri = ref_knn(q, key, 3)
+    assert torch.equal(i.cpu(), ri.cpu())
+    torch.testing.assert_close(d.cpu(), rd.cpu(), rtol=1e-12, atol=0)
+
+
 def test_registered_and_validates():
     name, fn = _dispatch.select("knn", "triton", DEV)
     assert name == "triton" and fn is kt.knn_triton

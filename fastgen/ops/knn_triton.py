@@ -579,8 +579,8 @@ def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candida
     and re-ranked in float64), on CUDA (or on CPU under TRITON_INTERPRET=1); 1 <= k <= M < 2^31. Inputs are
     assumed finite (fastgen.knn validates them).
 
-    Returns (dist2 float32 [B, N, k] ascending, index int64 [B, N, k]) with ties going to the
-    lowest key index; with ``_tiers=True`` also int32 [B, N]: the tier (1, 2, 3) that
+    Returns (dist2 [B, N, k] ascending: the exact squared distance rounded once to float32, or
+    float64 for float64 inputs; index int64 [B, N, k]) with ties going to the lowest key index; with ``_tiers=True`` also int32 [B, N]: the tier (1, 2, 3) that
     certified each query. No autograd: fastgen.knn wraps this in its autograd Function.
     """
     if not _HAS_TRITON:
@@ -636,7 +636,8 @@ def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candida
     _scan(2, query, key, flags, d_out, i_out, k, C, interp)
     _scan(3, query, key, flags, d_out, i_out, k, C, interp)
 
-    dist2 = d_out.to(torch.float32)
+    # float64 inputs get the float64 exact distances (the fastgen.knn contract), else fp32
+    dist2 = d_out if query.dtype == torch.float64 else d_out.to(torch.float32)
     out = [dist2, i_out]
     if _tiers:
         out.append((1 + flags1 + (flags == 2).to(torch.int32)).to(torch.int32))
