@@ -23,7 +23,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -79,6 +81,69 @@ inline double fg_sign(double v) {
   return bitcast<double>((b & 0x7fffffffffffffffull) ? ((b & 0x8000000000000000ull) | 0x3ff0000000000000ull) : 0ull);
 }
 
+// GCC / Clang vector extensions: one value per sample lane (L lanes). Used where the loops
+// must stay in registers (the backward pass); lowered to AVX-512, AVX2 or SSE as available.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(sizeof(T) * L)));
+};
+template <typename T>
+struct IVec {
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I type __attribute__((vector_size(sizeof(T) * L)));
+};
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+// sign(d) with sign(0) = 0, lane-wise
+template <typename T>
+inline typename Vec<T>::type vsign(typename Vec<T>::type d) {
+  using VI = typename IVec<T>::type;
+  using I = typename IVec<T>::I;
+  const I sbit = (I)((std::make_unsigned_t<I>)1 << (sizeof(I) * 8 - 1));
+  const I one = sizeof(T) == 4 ? (I)0x3f800000 : (I)0x3ff0000000000000LL;
+  const typename Vec<T>::type zero = {};
+  VI b = (VI)d;
+  VI r = ((b & sbit) | one) & (VI)(d != zero);
+  return (typename Vec<T>::type)r;
+}
+// exp(x) lane-wise for x <= 0 (float: the polynomial of fg_exp; double: std::exp per lane)
+inline Vec<float>::type vexp(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  using VI = IVec<float>::type;
+  typedef uint32_t VU __attribute__((vector_size(sizeof(float) * L)));
+  const uint32_t lim = 0xC2AE0000u;  // bits of -87.0f: larger unsigned bits = more negative
+  VU ux = (VU)x;
+  VI under = ux > lim;               // -1 where x < -87 (never for x >= 0)
+  x = (V)(under ? (VU){} + lim : ux);
+  const float magic = 12582912.0f;
+  V t = x * 1.44269504088896341f + magic;
+  VI n = (VI)t - (int32_t)0x4B400000;                   // bits of magic
+  V fx = t - magic;
+  x = x - fx * 0.693359375f;
+  x = x + fx * 2.12194440e-4f;
+  V z = x * x;
+  V y = x * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  V p2 = (V)((n + 127) << 23);
+  return (V)((VI)(y * p2) & ~under);
+}
+inline Vec<double>::type vexp(Vec<double>::type x) {
+  for (int l = 0; l < L; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
 // Pack samples [S, D] into [ntiles][D][L] (zero padded).
 template <typename T>
 void pack_samples(const T* x, int64_t S, int64_t D, T* packed) {
@@ -95,6 +160,27 @@ void pack_samples(const T* x, int64_t S, int64_t D, T* packed) {
           for (int64_t j = 0; j < D; ++j) p[j * L + l] = T(0);
         }
       }
+    }
+  });
+}
+
+// Pack samples [S, D] into [nblocks][D][SB / L][L] (zero padded): per sample block, one
+// dimension's values of all its tiles are contiguous, so the backward's loop over tiles at fixed
+// j walks memory linearly (the tile layout strides by D * L * 4 bytes = 4 KiB for D = 64, which
+// maps every access of that loop to one L1 set).
+template <typename T>
+void pack_samples_blocks(const T* x, int64_t S, int64_t D, T* packed) {
+  constexpr int NT = SB / L;
+  const int64_t nb = (S + SB - 1) / SB;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* p = packed + b * D * SB;
+      for (int t = 0; t < NT; ++t)
+        for (int l = 0; l < L; ++l) {
+          const int64_t s = b * SB + t * L + l;
+          const T* xs = x + s * D;
+          for (int64_t j = 0; j < D; ++j) p[(j * NT + t) * L + l] = s < S ? xs[j] : T(0);
+        }
     }
   });
 }
@@ -130,7 +216,8 @@ inline void micro(const T* const* yr, const T* __restrict xp, const T* __restric
 template <typename T>
 struct Problem {
   const T* y;
-  const T* xp;  // packed samples
+  const T* xp;  // packed samples [ntiles][D][L]
+  const T* xq;  // packed samples [nblocks][D][SB / L][L] (backward only)
   int64_t N, S, D;
   const T* w;   // per-dimension weights (PERDIM), see make_weights
   T scale;      // a_ns = -scale * acc
@@ -189,21 +276,26 @@ void forward_impl(const Problem<T>& p, double* lse) {
   });
 }
 
-// Backward. gy [N, D] (or null), gxp per-thread packed [nthreads][ntiles][D][L] (or null),
+// Backward. gy [N, D] (or null), gxp per-thread packed [nthreads][nblocks][D][SB / L][L] (or null),
 // gsum per-thread [nthreads][D] double: sum_ns t f(d_j) with f = d^2 or |d| (raw d, not weighted).
+// Per (R rows, sample block): pass 1 recomputes the weights t for every tile of the block; pass 2
+// runs over dimensions j, then tiles, then rows, so that the row sums (grad_y) stay in registers
+// across the block and each packed grad_x vector is read and written once per (tile, j).
 template <typename T, int KIND, bool PERDIM>
 void backward_impl(const Problem<T>& p, const T* g, const double* lse, const T* fy /* per-dim factor */,
                    T* gy, T* gxp, double* gsum, bool need_sigma) {
+  constexpr int NT = SB / L;  // tiles per sample block
   const int64_t nblocks = (p.N + RB - 1) / RB;
   const int64_t D = p.D;
-  const int64_t ntiles = (p.S + L - 1) / L;
+  const int64_t sblocks = (p.S + SB - 1) / SB;
+  const bool need_y = gy != nullptr;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
-    T* gx = gxp ? gxp + (size_t)tid * ntiles * D * L : nullptr;
+    T* gx = gxp ? gxp + (size_t)tid * sblocks * D * SB : nullptr;
     double* gs = gsum + (size_t)tid * D;
-    std::vector<T> gyv((size_t)R * D * L);   // per-lane partial sums of t * f'(d) for R rows
-    std::vector<T> gyrow((size_t)RB * D);    // per-row totals for the block
-    std::vector<T> gsv((size_t)D * L);       // per-lane partial sums for grad sigma
+    std::vector<T> gyrow((size_t)RB * D);  // per-row totals for the block
+    using V = typename Vec<T>::type;
+    V tw[NT][R];                            // weights of the current rows x sample block
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * RB;
       const int nr = (int)std::min<int64_t>(RB, p.N - n0);
@@ -211,7 +303,9 @@ void backward_impl(const Problem<T>& p, const T* g, const double* lse, const T* 
       for (int64_t s0 = 0; s0 < p.S; s0 += SB) {
         const int ns = (int)std::min<int64_t>(SB, p.S - s0);
         const int nt = (ns + L - 1) / L;
-        if (need_sigma) std::fill(gsv.begin(), gsv.end(), T(0));
+        const T* xblk = p.xp + (s0 / L) * D * L;      // tile layout (pass 1)
+        const T* xqb = p.xq + (s0 / SB) * D * SB;     // block layout (pass 2)
+        T* gxblk = gx ? gx + (s0 / SB) * D * SB : nullptr;
         for (int rg = 0; rg < nr; rg += R) {
           const T* yr[R];
           T gr[R], lr[R];
@@ -222,67 +316,50 @@ void backward_impl(const Problem<T>& p, const T* g, const double* lse, const T* 
             gr[r] = valid ? g[n] : T(0);
             lr[r] = (T)lse[n];
           }
-          std::fill(gyv.begin(), gyv.end(), T(0));
+          // pass 1: t = g_n exp(a_ns - lse_n), 0 for padded samples and rows
           for (int t = 0; t < nt; ++t) {
             T acc[R][L];
-            const T* xp = p.xp + (s0 / L + t) * D * L;
-            micro<T, KIND, PERDIM>(yr, xp, p.w, D, acc);
+            micro<T, KIND, PERDIM>(yr, xblk + t * D * L, p.w, D, acc);
             const int nvalid = std::min(L, ns - t * L);
-            T tw[R][L];
             for (int r = 0; r < R; ++r) {
-#pragma omp simd
-              for (int l = 0; l < L; ++l) {
-                T e = fg_exp(-p.scale * acc[r][l] - lr[r]);
-                tw[r][l] = l < nvalid ? gr[r] * e : T(0);
-              }
-            }
-            T* gxt = gx ? gx + (s0 / L + t) * D * L : nullptr;
-            for (int64_t j = 0; j < D; ++j) {
-              const T* __restrict xj = xp + j * L;
-              T sx[L], ss[L];
-              for (int l = 0; l < L; ++l) {
-                sx[l] = T(0);
-                ss[l] = T(0);
-              }
-              for (int r = 0; r < R; ++r) {
-                const T yv = yr[r][j];
-                T* __restrict gv = gyv.data() + ((size_t)r * D + j) * L;
-#pragma omp simd
-                for (int l = 0; l < L; ++l) {
-                  T d = yv - xj[l];
-                  T f = KIND == 0 ? d : fg_sign(d);
-                  T u = tw[r][l] * f;
-                  gv[l] += u;
-                  sx[l] += u;
-                  ss[l] += u * d;
-                }
-              }
-              if (gxt) {
-                T* __restrict o = gxt + j * L;
-#pragma omp simd
-                for (int l = 0; l < L; ++l) o[l] += sx[l];
-              }
-              if (need_sigma) {
-                T* __restrict o = gsv.data() + j * L;
-#pragma omp simd
-                for (int l = 0; l < L; ++l) o[l] += ss[l];
-              }
+              V e = vexp(vload(&acc[r][0]) * (-p.scale) - lr[r]) * gr[r];
+              if (nvalid < L)
+                for (int l = nvalid; l < L; ++l) e[l] = T(0);
+              tw[t][r] = e;
             }
           }
-          for (int r = 0; r < R && rg + r < nr; ++r)
-            for (int64_t j = 0; j < D; ++j) {
-              const T* gv = gyv.data() + ((size_t)r * D + j) * L;
-              T s = T(0);
-              for (int l = 0; l < L; ++l) s += gv[l];
-              gyrow[(size_t)(rg + r) * D + j] += s;
-            }
-        }
-        if (need_sigma)
+          // pass 2
           for (int64_t j = 0; j < D; ++j) {
-            double s = 0.0;
-            for (int l = 0; l < L; ++l) s += (double)gsv[j * L + l];
-            gs[j] += s;
+            // independent accumulators per row: no loop-carried chain longer than one add
+            V gya[R] = {}, ssa[R] = {};
+            const T yv[R] = {yr[0][j], yr[1][j], yr[2][j], yr[3][j]};
+            const T* xqj = xqb + j * SB;
+            T* gxj = gxblk ? gxblk + j * SB : nullptr;
+            for (int t = 0; t < nt; ++t) {
+              const V xv = vload(xqj + t * L);
+              V u[R];
+              for (int r = 0; r < R; ++r) {
+                const V d = yv[r] - xv;
+                u[r] = tw[t][r] * (KIND == 0 ? d : vsign<T>(d));
+                if (need_y) gya[r] += u[r];        // (loop-invariant flags: unswitched)
+                if (need_sigma) ssa[r] += u[r] * d;
+              }
+              if (gxj) vstore(gxj + t * L, vload(gxj + t * L) + ((u[0] + u[1]) + (u[2] + u[3])));
+            }
+            if (need_y)
+              for (int r = 0; r < R && rg + r < nr; ++r) {
+                T sum = T(0);
+                for (int l = 0; l < L; ++l) sum += gya[r][l];
+                gyrow[(size_t)(rg + r) * D + j] += sum;
+              }
+            if (need_sigma) {
+              const V ss = (ssa[0] + ssa[1]) + (ssa[2] + ssa[3]);
+              double sum = 0.0;
+              for (int l = 0; l < L; ++l) sum += (double)ss[l];
+              gs[j] += sum;
+            }
           }
+        }
       }
       if (gy)
         for (int r = 0; r < nr; ++r)
@@ -361,7 +438,7 @@ at::Tensor sll_forward_cpu(const at::Tensor& y, const at::Tensor& samples, const
     using T = scalar_t;
     at::Tensor xp = at::empty({(S + L - 1) / L * D * L}, samples.options());
     pack_samples<T>(samples.data_ptr<T>(), S, D, xp.data_ptr<T>());
-    Problem<T> p{y.data_ptr<T>(), xp.data_ptr<T>(), N, S, D, pr.w.data_ptr<T>(), (T)pr.scale};
+    Problem<T> p{y.data_ptr<T>(), xp.data_ptr<T>(), nullptr, N, S, D, pr.w.data_ptr<T>(), (T)pr.scale};
     dispatch_kind<T>(kind, pr.perdim, [&](auto K, auto PD) {
       forward_impl<T, decltype(K)::value, decltype(PD)::value>(p, lse.data_ptr<double>());
     });
@@ -389,18 +466,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sll_backward_cpu(
     using T = scalar_t;
     at::Tensor xp = at::empty({ntiles * D * L}, samples.options());
     pack_samples<T>(samples.data_ptr<T>(), S, D, xp.data_ptr<T>());
-    Problem<T> p{y.data_ptr<T>(), xp.data_ptr<T>(), N, S, D, pr.w.data_ptr<T>(), (T)pr.scale};
+    const int64_t sblocks = (S + SB - 1) / SB;
+    at::Tensor xq = at::empty({sblocks * D * SB}, samples.options());
+    pack_samples_blocks<T>(samples.data_ptr<T>(), S, D, xq.data_ptr<T>());
+    Problem<T> p{y.data_ptr<T>(), xp.data_ptr<T>(), xq.data_ptr<T>(), N, S, D, pr.w.data_ptr<T>(), (T)pr.scale};
     if (need_y) gy = at::empty({N, D}, y.options());
     at::Tensor gxp;
-    if (need_samples) gxp = at::zeros({nth, ntiles * D * L}, y.options());
+    if (need_samples) gxp = at::zeros({nth, sblocks * D * SB}, y.options());
     dispatch_kind<T>(kind, pr.perdim, [&](auto K, auto PD) {
       backward_impl<T, decltype(K)::value, decltype(PD)::value>(
           p, g.data_ptr<T>(), lse.data_ptr<double>(), pr.inv.data_ptr<T>(), need_y ? gy.data_ptr<T>() : nullptr,
           need_samples ? gxp.data_ptr<T>() : nullptr, gsum.data_ptr<double>(), need_sigma);
     });
     if (need_samples) {
-      // sum over threads, unpack [ntiles][D][L] -> [S, D], times the per-dim factor
-      at::Tensor tot = gxp.sum(0).view({ntiles, D, L}).permute({0, 2, 1}).reshape({ntiles * L, D});
+      // sum over threads, unpack [nblocks][D][SB] -> [S, D], times the per-dim factor
+      at::Tensor tot = gxp.sum(0).view({sblocks, D, SB}).permute({0, 2, 1}).reshape({sblocks * SB, D});
       gx = (tot.narrow(0, 0, S) * pr.inv.view({1, D})).contiguous();
     }
   });
