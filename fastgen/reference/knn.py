@@ -3,31 +3,41 @@ from __future__ import annotations
 
 import torch
 
+_ELEMS = 1 << 24  # float64 elements of the largest temporary (128 MiB)
 
-def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, chunk: int = 1024):
+
+def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, chunk: int | None = None):
     """Exact k nearest neighbours by direct differences in float64.
 
     query [N, D] or [B, N, D], key [M, D] or [B, M, D] (any float dtype; the values are taken
     exactly as float64). Returns (dist2 float64 [.., N, k] ascending, index int64 [.., N, k]);
-    ties go to the lowest key index. Memory O(chunk * M * D); for tests, not for speed.
+    ties go to the lowest key index (a stable sort of the distances in index order).
+    Memory: the [rows, M] distance block plus a [rows, keys, D] difference block of at most
+    2^24 elements (``chunk`` forces the number of query rows per block). For tests, not speed.
     """
     squeeze = query.dim() == 2
     q = query.detach().to(torch.float64)
     kk = key.detach().to(torch.float64)
     if squeeze:
         q, kk = q[None], kk[None]
-    B, N, _ = q.shape
+    B, N, D = q.shape
     M = kk.shape[1]
+    rows = chunk or max(1, min(N, _ELEMS // max(1, M * D), _ELEMS // max(1, M)))
+    keys = max(1, min(M, _ELEMS // max(1, rows * D)))
     d_out = torch.empty(B, N, k, dtype=torch.float64, device=q.device)
     i_out = torch.empty(B, N, k, dtype=torch.int64, device=q.device)
     for b in range(B):
-        for s in range(0, N, chunk):
-            diff = q[b, s:s + chunk, None, :] - kk[b, None, :, :]
-            d = (diff * diff).sum(-1)  # [n, M]
-            # stable sort on (distance, index): lexicographic via a stable sort of sorted indices
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            d = torch.empty(e - s, M, dtype=torch.float64, device=q.device)
+            for m0 in range(0, M, keys):
+                m1 = min(M, m0 + keys)
+                diff = q[b, s:e, None, :] - kk[b, None, m0:m1, :]
+                d[:, m0:m1] = (diff * diff).sum(-1)
+            # stable sort of the distances (columns in index order): ties -> lowest index
             order = torch.sort(d, dim=1, stable=True).indices[:, :k]
-            d_out[b, s:s + chunk] = torch.gather(d, 1, order)
-            i_out[b, s:s + chunk] = order
+            d_out[b, s:e] = torch.gather(d, 1, order)
+            i_out[b, s:e] = order
     if squeeze:
         return d_out[0], i_out[0]
     return d_out, i_out
