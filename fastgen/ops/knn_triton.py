@@ -433,14 +433,24 @@ def _num_sms(index: int) -> int:
 
 
 def _choose_split(B: int, N: int, M: int, device: torch.device) -> int:
-    """Split M across programs when B * N alone cannot fill the GPU (2 programs per SM)."""
+    """Number of M splits when B * N alone cannot fill the GPU: the smallest split that gives
+    at least one program per SM with >= 85 % of the last wave busy (nominal 128-row query
+    blocks; every split keeps >= 2048 keys)."""
     if device.type != "cuda":
         return 1
-    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     progs = B * _cdiv(N, 128)
-    if progs >= target:
+    if progs >= 2 * sms:
         return 1
-    return max(1, min(_cdiv(target, progs), M // 2048))
+    best, best_eff = 1, 0.0
+    for sp in range(1, max(1, min(256, M // 2048)) + 1):
+        x = progs * sp
+        eff = x / (_cdiv(x, sms) * sms)
+        if x >= sms and eff >= 0.85:
+            return sp
+        if eff > best_eff + 1e-9:
+            best, best_eff = sp, eff
+    return best
 
 
 # ----------------------------------------------------------------------------------------
