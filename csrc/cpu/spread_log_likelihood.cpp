@@ -17,6 +17,7 @@
 //   Laplace:  d -> sign(d) in the first two, grad_b_j = -G / b_j + 1/b_j^2 sum_ns t |d|.
 // A one-element sigma gets the sum of the per-dimension terms.
 #include <ATen/Parallel.h>
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector-extension types in inline helpers only
 #include <torch/extension.h>
 #include <torch/library.h>
 
