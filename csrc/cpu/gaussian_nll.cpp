@@ -50,6 +50,10 @@ constexpr int64_t CHUNK = 16384;   // elements per OpenMP task (multiple of TILE
 // ---- float math on 16-lane vectors (GCC / Clang vector extensions: AVX-512, AVX2 or SSE,
 // whatever -march gives; no intrinsics). Scalar loops with log() are not vectorised by GCC
 // without -ffast-math, so the hot loop is written on vectors explicitly.
+#if defined(__GNUC__) && !defined(__clang__)
+// the vector helpers are internal (anonymous namespace, inlined): no ABI to keep stable
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
