@@ -495,7 +495,8 @@ def spread_noise(x: torch.Tensor, sigma, *, kind: str = "gaussian", generator=No
         sigma: the spread scale (standard deviation for ``"gaussian"``, Laplace scale b for
             ``"laplace"``): a float >= 0, or a tensor >= 0 broadcastable to x (e.g. a learned
             per-dimension spread of shape [D] for x [N, D], or [C, 1, 1] for images), read in
-            place through its broadcast strides, never expanded in memory.
+            place through its broadcast strides, never expanded in memory (the triton backend
+            indexes up to 4 alternating broadcast groups, and materialises sigma beyond that).
         kind: ``"gaussian"`` (eps ~ N(0, 1)) or ``"laplace"`` (eps ~ Laplace(0, 1), scale b = 1:
             density exp(-|e|)/2, variance 2). Both have strictly positive Fourier transforms, as
             the spread divergence requires (Zhang et al. 2019, seed 001); ``"uniform"`` does not
