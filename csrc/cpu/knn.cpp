@@ -438,7 +438,7 @@ inline int num_threads_for(int64_t work) {
   if (omp_in_parallel()) nt = 1;
 #endif
   // tiny problems are not worth waking threads for
-  if (work < (int64_t)1 << 16) nt = 1;
+  if (work < (int64_t)1 << 22) nt = 1;
   return std::max(nt, 1);
 }
 
@@ -520,7 +520,6 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
     ~TrimGuard() { w.trim(); }
   } trim_guard{ws};
   double* mu = ws.mu.ensure(D);
-  double* part = ws.part.ensure((size_t)nt * D);
   float* kpack = ws.kpack.ensure((size_t)(n_kt * tile_stride));
   float* qpack = ws.qpack.ensure((size_t)(n_qp * D * MR));
   double* nq = ws.nq.ensure(Npad);
@@ -529,7 +528,6 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
   int32_t* rn = ws.rn.ensure((size_t)(nks * Npad));
   float* thr = ws.thr.ensure((size_t)(nks * Npad));
   std::fill(mu, mu + D, 0.0);
-  std::fill(part, part + (size_t)nt * D, 0.0);
   const TopC res{rv, ri, rn, thr, C, C <= 64};
   double b2max = 0.0, a2max = 0.0;
   bool overflow = false;
@@ -537,34 +535,55 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
   std::vector<int64_t> failed;
   std::vector<double> fail_tau;
 
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
-    // ---- 1. centre and pack ----
-    // mu: the mean of (a strided sample of at most 4096) keys, in double. Any shift leaves the
-    // distances unchanged; the bound uses the norms of the centred data, whatever mu is.
-    {
-      double* s = part + (size_t)tid * D;
-#pragma omp for schedule(static)
-      for (int64_t u = 0; u < n_mu; ++u) {
-        const T* kj = key + (u * M / n_mu) * D;
-        for (int64_t d = 0; d < D; ++d) s[d] += (double)kj[d];
+  auto pack_queries = [&](int64_t p, double& a2m) {
+    float* qp = qpack + p * D * MR;
+    for (int r = 0; r < MR; ++r) {
+      const int64_t i = p * MR + r;
+      if (i < N) {
+        const T* qi = q + i * D;
+        for (int64_t d = 0; d < D; ++d) qp[d * MR + r] = (float)((double)qi[d] - mu[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) qp[d * MR + r] = 0.0f;
       }
     }
-#pragma omp single
-    {
-      for (int t = 0; t < nt; ++t)
-        for (int64_t d = 0; d < D; ++d) mu[d] += part[(size_t)t * D + d];
-      for (int64_t d = 0; d < D; ++d) mu[d] /= (double)n_mu;
+    double nrm[MR];
+    for (int r = 0; r < MR; ++r) nrm[r] = 0.0;
+    for (int64_t d = 0; d < D; ++d)
+      for (int r = 0; r < MR; ++r) nrm[r] += (double)qp[d * MR + r] * (double)qp[d * MR + r];
+    for (int r = 0; r < MR; ++r) {
+      nq[p * MR + r] = nrm[r];
+      a2m = std::max(a2m, nrm[r]);
     }
+    for (int64_t kc = 0; kc < nks; ++kc)
+      for (int r = 0; r < MR; ++r) {
+        thr[kc * Npad + p * MR + r] = std::numeric_limits<float>::infinity();
+        rn[kc * Npad + p * MR + r] = 0;
+      }
+  };
+
+  // ---- 1. centre and pack ----
+  // mu: the mean of (a strided sample of at most 4096) keys, in double. Any shift leaves the
+  // distances unchanged; the bound uses the norms of the centred data, whatever mu is.
+  for (int64_t u = 0; u < n_mu; ++u) {
+    const T* kj = key + (u * M / n_mu) * D;
+    for (int64_t d = 0; d < D; ++d) mu[d] += (double)kj[d];
+  }
+  for (int64_t d = 0; d < D; ++d) mu[d] /= (double)n_mu;
+
+  // One parallel region, three barriers (after packing, after the fast pass, at the end): on a
+  // shared machine every barrier waits for the slowest thread.
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
     // keys: tiles [D][NR] + norms, transposed in blocks of 16 dims (the tile rows being written
     // stay in L1)
-#pragma omp for schedule(static) reduction(max : b2max)
-    for (int64_t t = 0; t < n_kt; ++t) {
+#pragma omp for schedule(static) reduction(max : b2max, a2max)
+    for (int64_t item = 0; item < n_kt + n_qp; ++item) {
+      if (item >= n_kt) {  // a query panel [D][MR]
+        const int64_t p = item - n_kt;
+        pack_queries(p, a2max);
+        continue;
+      }
+      const int64_t t = item;
       float* kp = kpack + t * tile_stride;
       for (int64_t d0 = 0; d0 < D; d0 += 16) {
         const int64_t d1 = std::min(D, d0 + 16);
@@ -592,43 +611,20 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
         }
       }
     }
-    // queries: panels [D][MR]
-#pragma omp for schedule(static) reduction(max : a2max)
-    for (int64_t p = 0; p < n_qp; ++p) {
-      float* qp = qpack + p * D * MR;
-      for (int r = 0; r < MR; ++r) {
-        const int64_t i = p * MR + r;
-        if (i < N) {
-          const T* qi = q + i * D;
-          for (int64_t d = 0; d < D; ++d) qp[d * MR + r] = (float)((double)qi[d] - mu[d]);
-        } else {
-          for (int64_t d = 0; d < D; ++d) qp[d * MR + r] = 0.0f;
-        }
-      }
-      double nrm[MR];
-      for (int r = 0; r < MR; ++r) nrm[r] = 0.0;
-      for (int64_t d = 0; d < D; ++d)
-        for (int r = 0; r < MR; ++r) nrm[r] += (double)qp[d * MR + r] * (double)qp[d * MR + r];
-      for (int r = 0; r < MR; ++r) {
-        nq[p * MR + r] = nrm[r];
-        a2max = std::max(a2max, nrm[r]);
-      }
-    }
-#pragma omp single
+    // (the reductions are complete after the loop's barrier; every thread derives the same values)
+    // fp32 must not overflow in the fast pass: |a_i| <= A, partial sums <= A B, |r| <= B^2 + 2AB.
+    const double sab = std::sqrt(a2max) + std::sqrt(b2max);
+    const bool ovf = !(sab * sab < 1e36);
+    const Bound bnd{std::sqrt(b2max), (Simd::kFMA ? (double)L : 2.0 * (double)L) + (double)P, D};
+#pragma omp master
     {
-      // fp32 must not overflow in the fast pass: |a_i| <= A, partial sums <= A B, |r| <= B^2 + 2AB.
-      const double s = std::sqrt(a2max) + std::sqrt(b2max);
-      overflow = !(s * s < 1e36);
-      bound = Bound{std::sqrt(b2max), (Simd::kFMA ? (double)L : 2.0 * (double)L) + (double)P, D};
-      for (int64_t s2 = 0; s2 < nks * Npad; ++s2) {
-        thr[s2] = std::numeric_limits<float>::infinity();
-        rn[s2] = 0;
-      }
+      overflow = ovf;
+      bound = bnd;
       if (dbg) t_packed = debug_clock();
     }
 
     // ---- 2. fast pass: candidates = the C smallest r = ||b||^2 - 2 a.b per query ----
-    if (!overflow) {
+    if (!ovf) {
       alignas(64) float acc_mem[MR * NR];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < n_qr * nks; ++task) {
@@ -649,7 +645,7 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
       // implicit barrier
 
       // ---- 3 + 4. merge chunks, exact re-rank, certificate ----
-#pragma omp single
+#pragma omp master
       {
         if (dbg) t_fast = debug_clock();
       }
@@ -680,7 +676,7 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
         }
         std::partial_sort(ex.begin(), ex.begin() + k, ex.begin() + nc);
         const double Dk = ex[k - 1].first;
-        const double delta = bound(std::sqrt(nq[i]));
+        const double delta = bnd(std::sqrt(nq[i]));
         const double slop = 4.0 * std::ldexp(1.0, -52) * (nq[i] + std::fabs((double)Tc) + delta + Dk);
         if (nq[i] + (double)Tc - delta - slop > Dk) {  // certified: no other key can reach the top k
           for (int64_t s = 0; s < k; ++s) {

@@ -13,8 +13,7 @@ then "faiss" (faiss-gpu), then "torch"):
 * ``"faiss"``: faiss-cpu (``faiss.knn``) on CPU tensors, faiss-gpu (``faiss.knn_gpu`` through
   ``faiss.contrib.torch_utils``, no host copy) on CUDA tensors, made exact the same way: faiss
   searches the centred fp32 data for C candidates, which are re-ranked exactly; queries the
-  certificate cannot settle are searched again with 4x more candidates, and by exact brute
-  force once C reaches M.
+  certificate cannot settle get the float64 candidate pass of the torch path, then brute force.
 
 Why the certificate: for data far from the origin the fp32 expansion
 ``||q||^2 + ||k||^2 - 2 q.k`` cancels catastrophically (offset 1e3, clusters of std 1e-2: faiss and
@@ -171,13 +170,69 @@ def _brute_force(query: torch.Tensor, key: torch.Tensor, k: int):
     return d, i
 
 
+def _topc(a: torch.Tensor, b: torch.Tensor, nk: torch.Tensor, C: int):
+    """Running top-C of r = nk - 2 a.b (a [B, N, D], b [B, M, D], nk [B, M], one float dtype),
+    chunked over N and M (never an N x M matrix). Returns (cand int64 [B, N, C], T [B, N]: the
+    C-th smallest r; every key outside cand has r >= T)."""
+    B, N, _ = a.shape
+    M = b.shape[1]
+    mstep = max(C, min(M, 8192))
+    nstep = _chunk(N, B * (mstep + C))
+    cand = torch.empty(B, N, C, dtype=torch.int64, device=a.device)
+    T = torch.empty(B, N, dtype=a.dtype, device=a.device)
+    for n0 in range(0, N, nstep):
+        n1 = min(N, n0 + nstep)
+        run_v = run_i = None
+        for m0 in range(0, M, mstep):
+            m1 = min(M, m0 + mstep)
+            r = torch.baddbmm(nk[:, None, m0:m1], a[:, n0:n1], b[:, m0:m1].transpose(1, 2), alpha=-2.0)
+            i = torch.arange(m0, m1, device=a.device).expand_as(r)
+            if run_v is not None:
+                r = torch.cat([run_v, r], dim=2)
+                i = torch.cat([run_i, i], dim=2)
+            v, o = torch.topk(r, C, dim=2, largest=False, sorted=False)
+            run_v, run_i = v, i.gather(2, o)
+        cand[:, n0:n1] = run_i
+        T[:, n0:n1] = run_v.max(dim=2).values
+    return cand, T
+
+
+def _certified(nq, T, delta, Dk):
+    """||a||^2 + T - delta > Dk, with a margin for the float64 rounding of the comparison itself."""
+    T = T.to(torch.float64)
+    slop = 4 * 2.0 ** -52 * (nq + T.abs() + delta + Dk)
+    return nq + T - delta - slop > Dk
+
+
 def _settle(query, key, k, d, i, failed):
-    """Replace the rows flagged in failed [B, N] (bool) by an exact brute-force search."""
+    """Exact results for the rows flagged in failed [B, N] (bool): a second candidate pass in
+    float64 (centred expansion; its rounding bound is ~1e-16 relative, so it certifies all but
+    exact or near-exact ties), then float64 brute force for what is left."""
     if not bool(failed.any()):
         return
+    D = query.shape[2]
+    M = key.shape[1]
+    C = n_candidates(k, D)
     for b in torch.nonzero(failed.any(dim=1)).flatten().tolist():
         rows = torch.nonzero(failed[b]).flatten()
-        d[b, rows], i[b, rows] = _brute_force_rows(query[b, rows], key[b], k)
+        kb = key[b].to(torch.float64)
+        if C < M:
+            mu = kb.mean(dim=0)
+            a64 = (query[b, rows].to(torch.float64) - mu)[None]        # [1, n, D]
+            b64 = (kb - mu)[None]                                     # [1, M, D]
+            nq = a64.pow(2).sum(-1)
+            nk = b64.pow(2).sum(-1)
+            cand, T = _topc(a64, b64, nk, C)
+            dr, ir = _rerank(query[b:b + 1, rows], key[b:b + 1], cand, k)
+            u = _U64
+            A, Bn = nq.sqrt(), nk.max().sqrt()
+            e_r = 2 * u * Bn * Bn * (1 + 4 * u) + 2 * (_gamma(D + 2, u) + 2 * u) * A * Bn * (1 + 1e-6)
+            e_c = 4.0 * 2.0 ** -52 * (A + Bn) ** 2
+            ok = _certified(nq, T, 1.01 * (e_r + e_c) + 1e-300, dr[..., k - 1])[0]
+            d[b, rows[ok]], i[b, rows[ok]] = dr[0, ok], ir[0, ok]
+            rows = rows[~ok]
+        if rows.numel():
+            d[b, rows], i[b, rows] = _brute_force_rows(query[b, rows], key[b], k)
 
 
 def _out_dtype(query: torch.Tensor) -> torch.dtype:
@@ -191,7 +246,8 @@ def _out_dtype(query: torch.Tensor) -> torch.dtype:
 @_dispatch.register("knn", "torch")
 def knn_torch(query: torch.Tensor, key: torch.Tensor, k: int):
     """Exact kNN in plain torch: centred fp32 expansion (chunked baddbmm, running topk) for C
-    candidates, float64 re-rank, certificate, chunked brute force for what it cannot certify."""
+    candidates, float64 re-rank, certificate; uncertified queries get a float64 candidate pass,
+    then chunked brute force (ties)."""
     B, N, D = query.shape
     M = key.shape[1]
     out = _out_dtype(query)
@@ -205,32 +261,11 @@ def knn_torch(query: torch.Tensor, key: torch.Tensor, k: int):
     if not bool(((A.max() + Bn.max()) ** 2) < 1e36):                  # fp32 could overflow
         d, i = _brute_force(query, key, k)
         return d.to(out), i
-    nk32 = nk.to(torch.float32)
-    mstep = max(C, min(M, 8192))
-    nstep = _chunk(N, B * (mstep + C))
-    cand = torch.empty(B, N, C, dtype=torch.int64, device=query.device)
-    T = torch.empty(B, N, dtype=torch.float32, device=query.device)
-    for n0 in range(0, N, nstep):
-        n1 = min(N, n0 + nstep)
-        run_v = run_i = None
-        for m0 in range(0, M, mstep):
-            m1 = min(M, m0 + mstep)
-            r = torch.baddbmm(nk32[:, None, m0:m1], a[:, n0:n1], b[:, m0:m1].transpose(1, 2), alpha=-2.0)
-            i = torch.arange(m0, m1, device=query.device).expand_as(r)
-            if run_v is not None:
-                r = torch.cat([run_v, r], dim=2)
-                i = torch.cat([run_i, i], dim=2)
-            v, o = torch.topk(r, C, dim=2, largest=False, sorted=False)
-            run_v, run_i = v, i.gather(2, o)
-        cand[:, n0:n1] = run_i
-        T[:, n0:n1] = run_v.max(dim=2).values                          # the C-th smallest r
+    cand, T = _topc(a, b, nk.to(torch.float32), C)
     d, i = _rerank(query, key, cand, k)
     # certificate: every non-candidate has d >= ||a||^2 + T - delta
     delta = _bound(A, Bn[:, None], float(D) + 2.0, _matmul_unit(query.device))
-    Tn = T.to(torch.float64)
-    Dk = d[..., k - 1]
-    slop = 4 * 2.0 ** -52 * (nq + Tn.abs() + delta + Dk)
-    failed = ~(nq + Tn - delta - slop > Dk)
+    failed = ~_certified(nq, T, delta, d[..., k - 1])
     _settle(query, key, k, d, i, failed)
     return d.to(out), i
 
@@ -284,13 +319,13 @@ def _knn_faiss_ok(**info) -> bool:
 def knn_faiss(query: torch.Tensor, key: torch.Tensor, k: int):
     """faiss flat search made exact: centred fp32 data, C candidates from faiss, float64 re-rank,
     certificate with faiss's rounding bound (any summation order, TF32 assumed on GPU); queries
-    it cannot settle are searched again with 4x more candidates, then by brute force."""
+    it cannot settle get a float64 candidate pass (torch), then brute force."""
     B, N, D = query.shape
     M = key.shape[1]
     out = _out_dtype(query)
     C = n_candidates(k, D)
     gpu = query.device.type == "cuda"
-    if C >= M or (gpu and C > 2048):          # faiss-gpu: k <= 2048
+    if C >= M or (gpu and C > 2048):          # faiss-gpu searches at most 2048 neighbours
         d, i = _brute_force(query, key, k)
         return d.to(out), i
     a, b, nq, nk = _centre(query, key)
@@ -306,25 +341,17 @@ def knn_faiss(query: torch.Tensor, key: torch.Tensor, k: int):
     g = _gamma(D + 2, _U32) + 2 * u_dot + 3 * _U32
     d = torch.empty(B, N, k, dtype=torch.float64, device=query.device)
     i = torch.empty(B, N, k, dtype=torch.int64, device=query.device)
+    failed = torch.zeros(B, N, dtype=torch.bool, device=query.device)
+    AB = (A + Bn[:, None]) / (1.0 - _EPS_C)
+    delta = 1.01 * (g * (A + Bn[:, None]) ** 2 + (2 * _EPS_C + _EPS_C ** 2) * AB * AB) + 1e-36
     for bb in range(B):
-        rows = torch.arange(N, device=query.device)
-        c = C
-        while rows.numel() > 0:
-            if c >= M or (gpu and c > 2048):
-                d[bb, rows], i[bb, rows] = _brute_force_rows(query[bb, rows], key[bb], k)
-                break
-            dd, ii = _faiss_search(a[bb, rows], b[bb], c)
-            dd, ii = dd.to(query.device), ii.to(query.device)
-            dr, ir = _rerank(query[bb:bb + 1, rows], key[bb:bb + 1], ii[None], k)
-            d[bb, rows], i[bb, rows] = dr[0], ir[0]
-            Ar = A[bb, rows]
-            AB = (Ar + Bn[bb]) / (1.0 - _EPS_C)
-            delta = 1.01 * (g * (Ar + Bn[bb]) ** 2 + (2 * _EPS_C + _EPS_C ** 2) * AB * AB) + 1e-36
-            T = dd[:, c - 1].to(torch.float64)
-            Dk = dr[0, :, k - 1]
-            ok = T - delta - 4 * 2.0 ** -52 * (T.abs() + delta + Dk) > Dk
-            rows = rows[~ok]
-            c = 4 * c
+        dd, ii = _faiss_search(a[bb], b[bb], C)
+        dd, ii = dd.to(query.device), ii.to(query.device)
+        dr, ir = _rerank(query[bb:bb + 1], key[bb:bb + 1], ii[None], k)
+        d[bb], i[bb] = dr[0], ir[0]
+        # faiss returns full distances: non-candidates have d >= T - delta (T: the C-th value)
+        failed[bb] = ~_certified(torch.zeros_like(delta[bb]), dd[:, C - 1], delta[bb], dr[0, :, k - 1])
+    _settle(query, key, k, d, i, failed)
     return d.to(out), i
 
 

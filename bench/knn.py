@@ -1,0 +1,241 @@
+"""Benchmark fastgen.knn against its peers in one run: median / 20-80 % quantiles and each peer's
+wrong-neighbour count on clustered data far from the origin (the case that breaks fp32).
+
+usage: python -m bench.knn [--quick] [--device cpu|cuda] [--outdir DIR] [--rep-ms MS] [--k K]
+
+Data: N queries and M keys drawn around 100 unit-normal cluster centres (std 1e-2) and offset by
+1e3 in every coordinate (issue 8). "wrong" counts the queries whose k indices differ from the
+exact answer: the float64 brute force (fastgen.reference.knn) where it is affordable (--quick),
+else fastgen's certified "cpu" result (on CUDA "torch"), itself checked against the other
+exact backends in the same run (their own "wrong" column).
+
+Peers (those importable here):
+  fastgen-<backend>     fastgen.knn, exact: cpu (C++ kernel), torch, faiss (+ triton on CUDA)
+  faiss                 faiss.knn / faiss.knn_gpu on the raw data (exact-flat search in fp32)
+  cdist+topk            torch.cdist (its default mm mode) then topk
+  cdist-direct+topk     torch.cdist(compute_mode="donot_use_mm_for_euclid_dist") then topk
+  mm-expansion-fp32     ||q||^2 + ||k||^2 - 2 q k^T (fp32 matmul) then topk
+  mm-expansion-tf32     the same with TF32 matmuls (CUDA only)
+  mm-only-fp32          torch.mm into a preallocated N x M output: a floor, not a kNN
+  pykeops-argKmin       pykeops LazyTensor Kmin_argKmin (if pykeops imports)
+Matrix peers are chunked over queries so that no N x M block exceeds 2^28 elements.
+Cases: the CPU targets of issue 8 (1437 x 14370 x 64, 4096 x 16384 x 64, 2048 x 16384 x 512),
+and on CUDA its GPU shapes (16384 x 65536 x 512, 10000 x 100000 x 3072, 65536 x 262144 x 64);
+plus a sweep over M (N = 1024, D = 64) for the time-vs-M plot written beside the CSV.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from bench.harness import Recorder, bench, parser
+
+import fastgen
+from fastgen import _dispatch
+from fastgen.reference.knn import knn as ref_knn
+
+CPU_CASES = [(1437, 14370, 64), (4096, 16384, 64), (2048, 16384, 512)]
+GPU_CASES = [(16384, 65536, 512), (10000, 100000, 3072), (65536, 262144, 64)]
+QUICK_CASES = [(256, 2048, 64), (128, 2048, 512)]
+SLOW_PEERS = ("cdist-direct+topk", "pykeops-argKmin")
+
+
+def clustered(n: int, m: int, D: int, *, n_clusters: int = 100, std: float = 1e-2, offset: float = 1e3,
+              seed: int = 0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(n_clusters, D, generator=g)
+    q = c[torch.randint(n_clusters, (n,), generator=g)] + std * torch.randn(n, D, generator=g) + offset
+    k = c[torch.randint(n_clusters, (m,), generator=g)] + std * torch.randn(m, D, generator=g) + offset
+    return q.to(device), k.to(device)
+
+
+def _rows_per_chunk(N: int, M: int) -> int:
+    return max(1, min(N, (1 << 28) // max(1, M)))
+
+
+def _chunked_topk(dist_fn, q, key, k):
+    N, M = q.shape[0], key.shape[0]
+    step = _rows_per_chunk(N, M)
+    out_d, out_i = [], []
+    for s in range(0, N, step):
+        d = dist_fn(q[s:s + step], key)
+        v, i = torch.topk(d, k, dim=1, largest=False)
+        out_d.append(v)
+        out_i.append(i)
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _expansion(q, key):
+    return (q * q).sum(1, keepdim=True) + (key * key).sum(1)[None] - 2.0 * (q @ key.T)
+
+
+def peers(device: torch.device, k: int) -> dict:
+    cuda = device.type == "cuda"
+    p = {}
+    here = [b for b in ("cpu", "triton", "faiss", "torch")
+            if _dispatch.unavailable_reason("knn", b, device.type) is None]
+    for b in here:
+        p[f"fastgen-{b}"] = (lambda q, key, b=b: fastgen.knn(q, key, k, backend=b))
+    try:
+        import faiss
+
+        if cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            import faiss.contrib.torch_utils  # noqa: F401
+
+            res = faiss.StandardGpuResources()
+            p["faiss-gpu"] = lambda q, key: faiss.knn_gpu(res, q, key, k)
+        elif not cuda:
+            p["faiss-cpu"] = lambda q, key: tuple(torch.from_numpy(a) for a in faiss.knn(q.numpy(), key.numpy(), k))
+    except ImportError:
+        pass
+    p["cdist+topk"] = lambda q, key: _chunked_topk(torch.cdist, q, key, k)
+    p["cdist-direct+topk"] = lambda q, key: _chunked_topk(
+        lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist"), q, key, k)
+    if cuda:
+        def exp32(q, key):
+            with _tf32(False):
+                return _chunked_topk(_expansion, q, key, k)
+
+        def exp_tf32(q, key):
+            with _tf32(True):
+                return _chunked_topk(_expansion, q, key, k)
+
+        p["mm-expansion-fp32"] = exp32
+        p["mm-expansion-tf32"] = exp_tf32
+    else:
+        p["mm-expansion-fp32"] = lambda q, key: _chunked_topk(_expansion, q, key, k)
+    try:
+        from pykeops.torch import LazyTensor
+
+        def keops(q, key):
+            d = ((LazyTensor(q[:, None, :]) - LazyTensor(key[None, :, :])) ** 2).sum(-1)
+            return d.Kmin_argKmin(k, dim=1)
+
+        p["pykeops-argKmin"] = keops
+    except Exception:  # pykeops absent or without a compiler
+        pass
+    return p
+
+
+def _mm_floor(q, key, device, rep_ms):
+    N, M = q.shape[0], key.shape[0]
+    step = _rows_per_chunk(N, M)
+    buf = torch.empty(min(N, step), M, device=device)
+
+    def run():
+        for s in range(0, N, step):
+            e = min(N, s + step)
+            torch.mm(q[s:e], key.T, out=buf[: e - s])
+
+    return bench(run, device=device, rep_ms=rep_ms)
+
+
+def _exact(q, key, k, quick: bool, device) -> torch.Tensor:
+    if quick:
+        return ref_knn(q, key, k)[1]
+    return fastgen.knn(q, key, k, backend="cpu" if device.type == "cpu" and
+                       _dispatch.unavailable_reason("knn", "cpu", "cpu") is None else "torch")[1]
+
+
+def _plot_vs_m(rows: list, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in sorted({r[1] for r in rows}):
+        pts = sorted((m, t) for m, i, t in rows if i == impl)
+        ax.plot([m for m, _ in pts], [t for _, t in pts], marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("M (keys); N = 1024, D = 64, k = 1, clustered, offset 1e3")
+    ax.set_ylabel("median ms")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--k", type=int, default=1, help="neighbours per query (default 1)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the time-vs-M sweep")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    k = args.k
+    cases = QUICK_CASES if args.quick else (GPU_CASES if cuda else CPU_CASES)
+    sweep = [1024, 4096] if args.quick else ([16384, 65536, 262144, 1048576] if cuda else [4096, 16384, 65536])
+    rep_ms = args.rep_ms or (30.0 if args.quick else (300.0 if cuda else 1500.0))
+    rec = Recorder("knn", args.outdir, device)
+    impls = peers(device, k)
+    summary = []
+    for (N, M, D) in cases:
+        case = f"{N}x{M}x{D} k={k}"
+        q, key = clustered(N, M, D, device=device)
+        exact = _exact(q, key, k, args.quick, device)
+        res = {}
+        for name, fn in impls.items():
+            slow = name in SLOW_PEERS
+            if slow and not args.quick and (N * M * D > 4e10 or (cuda and N * M * D > 4e11)):
+                rec.add(case, name, q.dtype, "fwd", None, note="skipped: too slow at this size")
+                continue
+            try:
+                d, i = fn(q, key)
+            except Exception as e:  # a peer that cannot run this shape (memory, k limits)
+                rec.add(case, name, q.dtype, "fwd", None, note=f"failed: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            i = torch.as_tensor(i).to(exact.device).reshape(exact.shape).long()
+            wrong = int((i != exact).any(dim=1).sum())
+            tm = bench(lambda: fn(q, key), device=device, rep_ms=rep_ms, min_reps=3 if slow else 5)
+            res[name] = tm["median_ms"]
+            rec.add(case, name, q.dtype, "fwd", tm, wrong=f"{wrong}/{N}")
+        floor = _mm_floor(q, key, device, rep_ms)
+        rec.add(case, "mm-only-fp32", q.dtype, "fwd", floor, note="floor: the matmul alone, not a kNN")
+        ours = next((n for n in ("fastgen-cpu", "fastgen-triton", "fastgen-torch") if n in res), None)
+        if ours:
+            for peer in ("faiss-cpu", "faiss-gpu", "cdist+topk", "mm-expansion-fp32"):
+                if peer in res:
+                    summary.append(f"{case}: {ours} {res[ours]:.1f} ms, {res[peer] / res[ours]:.2f}x vs {peer} "
+                                   f"({res[peer]:.1f} ms)")
+        del q, key, exact
+    if not args.no_sweep:
+        pts = []
+        sweep_impls = [n for n in ("fastgen-cpu", "fastgen-triton", "fastgen-torch", "faiss-cpu", "faiss-gpu",
+                                   "cdist+topk") if n in impls]
+        for M in sweep:
+            q, key = clustered(1024, M, 64, device=device, seed=1)
+            exact = _exact(q, key, 1, args.quick, device) if k == 1 else None
+            for name in sweep_impls:
+                fn = impls[name]
+                d, i = fn(q, key)
+                wrong = "" if exact is None else \
+                    f"{int((torch.as_tensor(i).to(exact.device).reshape(exact.shape) != exact).any(1).sum())}/1024"
+                tm = bench(lambda: fn(q, key), device=device, rep_ms=rep_ms / 2)
+                rec.add(f"sweep 1024x{M}x64 k={k}", name, q.dtype, "fwd", tm, wrong=wrong)
+                pts.append((M, name, tm["median_ms"]))
+        os.makedirs(args.outdir, exist_ok=True)
+        _plot_vs_m(pts, os.path.join(args.outdir, f"knn_vs_M-{rec.dev_name}.png"))
+    rec.save()
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
