@@ -352,3 +352,36 @@ def test_sampler_bad_args():
         fastgen.imle.IMLESampler(_gen(), torch.randn(5, 6), latent_dim=4, noise=-1.0)
     with pytest.raises(ValueError, match="pool_factor"):
         fastgen.imle.IMLESampler(_gen(), torch.randn(5, 6), latent_dim=4, pool_factor=0)
+
+
+# ----------------------------------------------------------------------------- every knn backend
+def _knn_backends():
+    from fastgen import _dispatch
+
+    _dispatch._import_ops()
+    out = []
+    for b in ("torch", "cpu", "faiss"):
+        why = _dispatch.unavailable_reason("knn", b, "cpu")
+        out.append(pytest.param(b, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return out
+
+
+@pytest.mark.parametrize("backend", _knn_backends())
+def test_every_knn_backend_gives_the_brute_force_answer(backend):
+    g = torch.Generator().manual_seed(8)
+    s = _clustered(70, 5, g=g).requires_grad_(True)
+    x = _clustered(33, 5, g=g)
+    out = fastgen.imle_loss(s, x, reduction="none", backend=backend)
+    _close(out, ref.imle_loss(s.detach(), x, reduction="none"), rtol=1e-4, atol=1e-3)
+    sc, xc = torch.randn(3, 20, 4, generator=g), torch.randn(3, 6, 4, generator=g)
+    _close(fastgen.imle_loss(sc, xc, conditional=True, rejection_radius=1.0, reduction="none", backend=backend),
+           ref.imle_loss(sc, xc, conditional=True, rejection_radius=1.0, reduction="none"))
+    gen = _gen()
+    pool = torch.randn(200, 4, generator=g)
+    xd = torch.randn(30, 6, generator=g)
+    z, d = fastgen.imle.select_latents(gen, xd, pool_size=200, latent_dim=4, batch_size=64, rejection_radius=0.5,
+                                       latent_sampler=_pool_sampler(pool, []), backend=backend)
+    with torch.no_grad():
+        zr, dr = ref.select_latents(pool, gen(pool), xd, 0.5)
+    assert torch.equal(z, zr)
+    _close(d, dr)
