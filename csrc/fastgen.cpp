@@ -8,8 +8,8 @@
 
 TORCH_LIBRARY(fastgen, m) {
   // ---- knn (csrc/cpu/knn.cpp) ----
-  // query [B, N, D], key [B, M, D], both float32 or both float64, 1 <= k <= M.
-  // Returns (dist2 [B, N, k] ascending, float32 / float64 like the inputs; index [B, N, k] int64);
+  // query [B, N, D], key [B, M, D], one dtype: float32, float64, float16 or bfloat16; 1 <= k <= M.
+  // Returns (dist2 [B, N, k] ascending, float64 for float64 inputs else float32; index [B, N, k] int64);
   // exact (certified fp32 fast pass + double re-rank): ties -> lowest index.
   m.def("knn(Tensor query, Tensor key, int k) -> (Tensor, Tensor)");
 

@@ -1,7 +1,7 @@
 // fastgen::knn on CPU: exact k-nearest-neighbour search, OpenMP + a hand-vectorised micro-kernel.
 //
-// query [B, N, D], key [B, M, D] (float32 or float64, contiguous), 1 <= k <= M.
-// Returns dist2 [B, N, k] (float32 for float32 input, float64 for float64 input), ascending, and
+// query [B, N, D], key [B, M, D] (float32, float64, float16 or bfloat16, same dtype), 1 <= k <= M.
+// Returns dist2 [B, N, k] (float64 for float64 input, else float32), ascending, and
 // index [B, N, k] int64; ties go to the lowest key index. dist2 is the exact squared distance
 // (computed in double from the original inputs) rounded once to the output dtype.
 //
@@ -830,22 +830,30 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Te
   TORCH_CHECK(query.size(2) == key.size(2), "fastgen::knn: feature dims differ: query ", query.size(2), ", key ",
               key.size(2));
   TORCH_CHECK(query.scalar_type() == key.scalar_type(), "fastgen::knn: query and key dtypes differ");
-  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
-              "fastgen::knn: expected float32 or float64 inputs, got ", query.scalar_type());
+  const auto st = query.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "fastgen::knn: expected float32, float64, float16 or bfloat16 inputs, got ", st);
   const int64_t B = query.size(0), N = query.size(1), M = key.size(1), D = query.size(2);
   TORCH_CHECK(k >= 1 && k <= M, "fastgen::knn: need 1 <= k <= M, got k = ", k, ", M = ", M);
   TORCH_CHECK(M < (int64_t)INT32_MAX, "fastgen::knn: M must be < 2^31");
   TORCH_CHECK(D >= 1, "fastgen::knn: D must be >= 1");
   const at::Tensor qc = query.contiguous(), kc = key.contiguous();
-  at::Tensor dist = at::empty({B, N, k}, query.options());
+  at::Tensor dist = at::empty({B, N, k}, query.options().dtype(st == at::kDouble ? at::kDouble : at::kFloat));
   at::Tensor index = at::empty({B, N, k}, query.options().dtype(at::kLong));
   if (B * N == 0) return {dist, index};
-  if (query.scalar_type() == at::kFloat) {
+  // fp16 / bf16 inputs are read directly (their values are exact in fp32 and double)
+  if (st == at::kFloat) {
     knn_batched<float, float>(qc.data_ptr<float>(), kc.data_ptr<float>(), B, N, M, D, k, dist.data_ptr<float>(),
                               index.data_ptr<int64_t>());
-  } else {
+  } else if (st == at::kDouble) {
     knn_batched<double, double>(qc.data_ptr<double>(), kc.data_ptr<double>(), B, N, M, D, k,
                                 dist.data_ptr<double>(), index.data_ptr<int64_t>());
+  } else if (st == at::kHalf) {
+    knn_batched<at::Half, float>(qc.data_ptr<at::Half>(), kc.data_ptr<at::Half>(), B, N, M, D, k,
+                                 dist.data_ptr<float>(), index.data_ptr<int64_t>());
+  } else {
+    knn_batched<at::BFloat16, float>(qc.data_ptr<at::BFloat16>(), kc.data_ptr<at::BFloat16>(), B, N, M, D, k,
+                                     dist.data_ptr<float>(), index.data_ptr<int64_t>());
   }
   return {dist, index};
 }

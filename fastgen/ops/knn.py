@@ -276,10 +276,8 @@ def _knn_cpu_ok(**info) -> bool:
 
 @_dispatch.register("knn", "cpu", auto_filter=_knn_cpu_ok)
 def knn_cpu(query: torch.Tensor, key: torch.Tensor, k: int):
-    """The C++ kernel (csrc/cpu/knn.cpp) on float32 / float64 CPU tensors; fp16 / bf16 are upcast
-    to float32 (exact)."""
-    if query.dtype not in (torch.float32, torch.float64):
-        query, key = query.to(torch.float32), key.to(torch.float32)
+    """The C++ kernel (csrc/cpu/knn.cpp) on CPU tensors: float32 / float64 / float16 / bfloat16
+    read directly (dist2 float64 for float64, else float32)."""
     return _backend.ext_op("knn")(query.contiguous(), key.contiguous(), k)
 
 
