@@ -91,10 +91,10 @@ def test_two_deltas_monte_carlo(kind):
 
 def test_gaussians_monte_carlo():
     # p = N(m1, s1^2), q = N(m2, s2^2) in 1-D, Gaussian spread sigma. y = (m1 + s1 z) + sigma eps
-    # with spread_noise; log p*K and log q*K from spread_log_likelihood over S = 4000 quantile
+    # with spread_noise; log p*K and log q*K from spread_log_likelihood over S = 2000 quantile
     # points of p and q (a quadrature of the convolution whose bias is < 1e-3 nats here).
     m1, s1, m2, s2, sigma = 0.5, 0.8, -0.3, 1.5, 0.6
-    S, M = 4000, 40000
+    S, M = 2000, 20000
     u = (torch.arange(S, dtype=torch.float64) + 0.5) / S
     q01 = torch.from_numpy(ndtri(u.numpy()))
     xp = (m1 + s1 * q01).float()[:, None]
@@ -178,9 +178,11 @@ def test_learned_sigma_floor_and_gradients():
     # the divergence estimate of two deltas matches the closed form (what sigma maximises)
     lf2 = SpreadDivergenceLoss(0.7, learn_sigma=True)
     mu_p, mu_q = torch.tensor([0.3, -1.0]), torch.tensor([1.1, -0.2])
-    div = lf2.divergence(mu_q[None], mu_p.expand(40000, 2), generator=torch.Generator().manual_seed(3))
+    # (log p*K(y) uses the data itself as the sample set: M x M pairs, M = 4000)
+    div = lf2.divergence(mu_q[None], mu_p.expand(4000, 2), generator=torch.Generator().manual_seed(3))
     want = float(kl_two_deltas(mu_p, mu_q, 0.7).sum())
-    assert abs(div.item() - want) < 0.05 * want
+    se = math.sqrt(float(((mu_p - mu_q) ** 2).sum())) / 0.7 / math.sqrt(4000)  # sd of the log ratio |d| / sigma
+    assert abs(div.item() - want) < 5 * se
     div.backward()
     # d KL / d sigma = -(d^2 / sigma^3) summed; through log_excess: times (sigma - min_sigma)
     d2 = float(((mu_p - mu_q) ** 2).sum())
