@@ -253,3 +253,14 @@ def test_bad_input(call, exc, word):
     q, k = torch.randn(5, 3), torch.randn(10, 3)
     with pytest.raises(exc, match=word):
         call(q, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_inf_every_backend(backend):
+    q, key = torch.randn(6, 3), torch.randn(40, 3)
+    with pytest.raises(ValueError, match="query"):
+        fastgen.knn(torch.cat([q, torch.full((1, 3), float("nan"))]), key, 2, backend=backend)
+    with pytest.raises(ValueError, match="key"):
+        fastgen.knn(q, torch.cat([key, torch.full((1, 3), float("-inf"))]), 2, backend=backend)
+    with pytest.raises(ValueError, match="key"):  # few keys: the brute-force path
+        fastgen.knn(q, torch.cat([key[:3], torch.full((1, 3), float("nan"))]), 2, backend=backend)

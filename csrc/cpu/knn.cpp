@@ -438,7 +438,7 @@ inline int num_threads_for(int64_t work) {
   if (omp_in_parallel()) nt = 1;
 #endif
   // tiny problems are not worth waking threads for
-  if (work < (int64_t)1 << 22) nt = 1;
+  if (work < (int64_t)1 << 24) nt = 1;
   return std::max(nt, 1);
 }
 
@@ -478,18 +478,34 @@ inline void prefetch_row(const T* p, int64_t D) {
   for (int64_t off = 0; off < D * (int64_t)sizeof(T); off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
+// Input status: 0 finite, 1 a query value is NaN / inf, 2 a key value is NaN / inf.
+template <typename T>
+inline bool all_finite(const T* x, int64_t n) {
+  bool ok = true;
+  for (int64_t s = 0; s < n; ++s) ok &= std::isfinite((double)x[s]);
+  return ok;
+}
+
+template <typename T>
+inline int input_status(const T* q, const T* key, int64_t N, int64_t M, int64_t D) {
+  if (!all_finite(key, M * D)) return 2;
+  if (!all_finite(q, N * D)) return 1;
+  return 0;
+}
+
 // ------------------------------------------------------------------------------------------
-// One batch element.
+// One batch element. Returns the input status (the outputs are complete only when it is 0).
 // ------------------------------------------------------------------------------------------
 template <typename T, typename OutT>
-void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k, OutT* od, int64_t* oi,
-             int nt_max) {
-  if (N == 0) return;
+int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k, OutT* od, int64_t* oi,
+            int nt_max) {
+  if (N == 0) return 0;
   const int64_t C = n_candidates(k, D);
   const int nt = nt_max > 1 ? num_threads_for(N * M * D) : 1;
   if (M <= C) {
+    if (const int st = input_status(q, key, N, M, D)) return st;
     brute_force(q, key, N, M, D, k, od, oi, nt);
-    return;
+    return 0;
   }
   const bool dbg = debug_enabled();
   double t_start = dbg ? debug_clock() : 0.0, t_packed = 0.0, t_fast = 0.0;
@@ -530,12 +546,13 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
   std::fill(mu, mu + D, 0.0);
   const TopC res{rv, ri, rn, thr, C, C <= 64};
   double b2max = 0.0, a2max = 0.0;
+  int nonfinite = 0;
   bool overflow = false;
   Bound bound{0.0, 0.0, D};
   std::vector<int64_t> failed;
   std::vector<double> fail_tau;
 
-  auto pack_queries = [&](int64_t p, double& a2m) {
+  auto pack_queries = [&](int64_t p, double& a2m, int& bad) {
     float* qp = qpack + p * D * MR;
     for (int r = 0; r < MR; ++r) {
       const int64_t i = p * MR + r;
@@ -553,6 +570,7 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
     for (int r = 0; r < MR; ++r) {
       nq[p * MR + r] = nrm[r];
       a2m = std::max(a2m, nrm[r]);
+      bad |= !std::isfinite(nrm[r]);
     }
     for (int64_t kc = 0; kc < nks; ++kc)
       for (int r = 0; r < MR; ++r) {
@@ -576,11 +594,11 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
   {
     // keys: tiles [D][NR] + norms, transposed in blocks of 16 dims (the tile rows being written
     // stay in L1)
-#pragma omp for schedule(static) reduction(max : b2max, a2max)
+#pragma omp for schedule(dynamic, 8) reduction(max : b2max, a2max) reduction(| : nonfinite)
     for (int64_t item = 0; item < n_kt + n_qp; ++item) {
       if (item >= n_kt) {  // a query panel [D][MR]
         const int64_t p = item - n_kt;
-        pack_queries(p, a2max);
+        pack_queries(p, a2max, nonfinite);
         continue;
       }
       const int64_t t = item;
@@ -606,6 +624,7 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
         if (t * NR + l < M) {
           nk[l] = (float)nrm[l];
           b2max = std::max(b2max, nrm[l]);
+          nonfinite |= !std::isfinite(nrm[l]);
         } else {
           nk[l] = std::numeric_limits<float>::quiet_NaN();  // padding: never compares true
         }
@@ -614,7 +633,8 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
     // (the reductions are complete after the loop's barrier; every thread derives the same values)
     // fp32 must not overflow in the fast pass: |a_i| <= A, partial sums <= A B, |r| <= B^2 + 2AB.
     const double sab = std::sqrt(a2max) + std::sqrt(b2max);
-    const bool ovf = !(sab * sab < 1e36);
+    // (a NaN / inf norm: a non-finite input, or a finite one whose centred value overflows fp32)
+    const bool ovf = nonfinite || !(sab * sab < 1e36);
     const Bound bnd{std::sqrt(b2max), (Simd::kFMA ? (double)L : 2.0 * (double)L) + (double)P, D};
 #pragma omp master
     {
@@ -696,8 +716,9 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
     }
   }
   if (overflow) {
+    if (const int st = input_status(q, key, N, M, D)) return st;
     brute_force(q, key, N, M, D, k, od, oi, nt);
-    return;
+    return 0;
   }
   if (dbg)
     fprintf(stderr,
@@ -706,7 +727,7 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
             (long long)N, (long long)M, (long long)D, (long long)k, (long long)C, (long long)L, (long long)nks, nt,
             failed.size(), (long long)N, 1e3 * (t_packed - t_start), 1e3 * (t_fast - t_packed),
             1e3 * (debug_clock() - t_fast));
-  if (failed.empty()) return;
+  if (failed.empty()) return 0;
 
   // ---- fallback: rescan every key for the uncertified queries; evaluate exactly every key whose
   // rigorous lower bound ||a||^2 + r - delta does not exceed the current exact k-th distance ----
@@ -805,21 +826,28 @@ void knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t 
       }
     }
   }
+  return 0;
 }
 
 template <typename T, typename OutT>
-void knn_batched(const T* q, const T* key, int64_t B, int64_t N, int64_t M, int64_t D, int64_t k, OutT* od,
-                 int64_t* oi) {
+int knn_batched(const T* q, const T* key, int64_t B, int64_t N, int64_t M, int64_t D, int64_t k, OutT* od,
+                int64_t* oi) {
   const int nt = num_threads_for(B * N * M * D);
+  std::vector<int> status(B, 0);
   if (B >= 2 * nt && nt > 1) {
     // many small problems: one thread per batch element
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b)
-      knn_one<T, OutT>(q + b * N * D, key + b * M * D, N, M, D, k, od + b * N * k, oi + b * N * k, 1);
+      status[b] = knn_one<T, OutT>(q + b * N * D, key + b * M * D, N, M, D, k, od + b * N * k, oi + b * N * k, 1);
   } else {
     for (int64_t b = 0; b < B; ++b)
-      knn_one<T, OutT>(q + b * N * D, key + b * M * D, N, M, D, k, od + b * N * k, oi + b * N * k, nt);
+      if ((status[b] = knn_one<T, OutT>(q + b * N * D, key + b * M * D, N, M, D, k, od + b * N * k, oi + b * N * k,
+                                        nt)))
+        break;
   }
+  for (int64_t b = 0; b < B; ++b)
+    if (status[b]) return status[b];
+  return 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& key, int64_t k) {
@@ -842,19 +870,23 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Te
   at::Tensor index = at::empty({B, N, k}, query.options().dtype(at::kLong));
   if (B * N == 0) return {dist, index};
   // fp16 / bf16 inputs are read directly (their values are exact in fp32 and double)
+  int status = 0;
   if (st == at::kFloat) {
-    knn_batched<float, float>(qc.data_ptr<float>(), kc.data_ptr<float>(), B, N, M, D, k, dist.data_ptr<float>(),
+    status = knn_batched<float, float>(qc.data_ptr<float>(), kc.data_ptr<float>(), B, N, M, D, k, dist.data_ptr<float>(),
                               index.data_ptr<int64_t>());
   } else if (st == at::kDouble) {
-    knn_batched<double, double>(qc.data_ptr<double>(), kc.data_ptr<double>(), B, N, M, D, k,
+    status = knn_batched<double, double>(qc.data_ptr<double>(), kc.data_ptr<double>(), B, N, M, D, k,
                                 dist.data_ptr<double>(), index.data_ptr<int64_t>());
   } else if (st == at::kHalf) {
-    knn_batched<at::Half, float>(qc.data_ptr<at::Half>(), kc.data_ptr<at::Half>(), B, N, M, D, k,
+    status = knn_batched<at::Half, float>(qc.data_ptr<at::Half>(), kc.data_ptr<at::Half>(), B, N, M, D, k,
                                  dist.data_ptr<float>(), index.data_ptr<int64_t>());
   } else {
-    knn_batched<at::BFloat16, float>(qc.data_ptr<at::BFloat16>(), kc.data_ptr<at::BFloat16>(), B, N, M, D, k,
+    status = knn_batched<at::BFloat16, float>(qc.data_ptr<at::BFloat16>(), kc.data_ptr<at::BFloat16>(), B, N, M, D, k,
                                      dist.data_ptr<float>(), index.data_ptr<int64_t>());
   }
+  // NaN / inf inputs are detected on the way (the norms of the centred rows), not by a separate pass
+  TORCH_CHECK_VALUE(status != 1, "fastgen::knn: query contains NaN or inf");
+  TORCH_CHECK_VALUE(status != 2, "fastgen::knn: key contains NaN or inf");
   return {dist, index};
 }
 
