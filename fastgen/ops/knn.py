@@ -41,7 +41,9 @@ _U64 = 2.0 ** -53
 _EPS_C = 2.0 ** -24 + 2.0 ** -52   # rounding of the centred data to fp32 (double subtraction first)
 _U_TF32 = 2.0 ** -11        # TF32 operands: 10-bit fraction, round to nearest
 _U_BF16 = 2.0 ** -8
-_CHUNK_ELEMS = 1 << 22      # elements of the largest temporary of the torch / faiss paths
+# elements of the largest temporary of the torch / faiss paths: 32 MiB of fp64 on CPU (cache
+# friendly), 1 GiB of fp32 on CUDA (few, large kernels)
+_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 28}
 
 
 def n_candidates(k: int, D: int) -> int:
@@ -90,7 +92,8 @@ def _matmul_unit(device: torch.device) -> float:
     return _U32
 
 
-def _chunk(rows: int, per_row: int, limit: int = _CHUNK_ELEMS) -> int:
+def _chunk(rows: int, per_row: int, device: torch.device, scale: int = 1) -> int:
+    limit = _CHUNK_ELEMS.get(device.type, 1 << 22) // scale
     return max(1, min(rows, limit // max(1, per_row)))
 
 
@@ -124,7 +127,7 @@ def _rerank(query, key, cand, k):
     out_d = torch.empty(B, N, k, dtype=torch.float64, device=query.device)
     out_i = torch.empty(B, N, k, dtype=torch.int64, device=query.device)
     bidx = torch.arange(B, device=query.device)[:, None, None]
-    step = _chunk(N, B * C * D)
+    step = _chunk(N, B * C * D, query.device, scale=2)  # float64
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
         ci, _ = torch.sort(cand[:, n0:n1], dim=-1)                    # index order, then stable by d
@@ -144,8 +147,8 @@ def _brute_force_rows(query: torch.Tensor, key: torch.Tensor, k: int):
     kk = key.to(torch.float64)
     out_d = torch.empty(n, k, dtype=torch.float64, device=query.device)
     out_i = torch.empty(n, k, dtype=torch.int64, device=query.device)
-    mstep = max(k, min(M, 4096))
-    qstep = _chunk(n, mstep * D)
+    mstep = max(k, min(M, 4096 if query.device.type == "cpu" else 65536))
+    qstep = _chunk(n, mstep * D, query.device, scale=2)
     for s in range(0, n, qstep):
         e = min(n, s + qstep)
         run_d = run_i = None
@@ -176,8 +179,8 @@ def _topc(a: torch.Tensor, b: torch.Tensor, nk: torch.Tensor, C: int):
     C-th smallest r; every key outside cand has r >= T)."""
     B, N, _ = a.shape
     M = b.shape[1]
-    mstep = max(C, min(M, 8192))
-    nstep = _chunk(N, B * (mstep + C))
+    mstep = max(C, min(M, 8192 if a.device.type == "cpu" else 65536))
+    nstep = _chunk(N, B * (mstep + C), a.device)
     cand = torch.empty(B, N, C, dtype=torch.int64, device=a.device)
     T = torch.empty(B, N, dtype=a.dtype, device=a.device)
     for n0 in range(0, N, nstep):
