@@ -30,7 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from .. import _backend, _dispatch
+from .. import _backend, _compile, _dispatch
 from ..reference import gaussian_nll as _ref
 
 try:  # Triton is optional: `import fastgen` works without it
@@ -153,14 +153,15 @@ def _var_plan(vshape, out_shape):
     vs = (1,) * (nd - len(vshape)) + tuple(vshape)
     dims = [(o, "k" if s == o else "b") for o, s in zip(out_shape, vs) if o != 1]
     bidx = [i for i, (_, k) in enumerate(dims) if k == "b"]
-    n = math.prod(o for o, _ in dims)
+    n = math.prod([o for o, _ in dims])  # (lists, not generators: dynamo traces them)
     if not bidx:
         return 1, 1, n
     lo, hi = bidx[0], bidx[-1]
-    if any(k != "b" for _, k in dims[lo:hi + 1]):
-        return None
-    A = math.prod(o for o, _ in dims[:lo])
-    B = math.prod(o for o, _ in dims[lo:hi + 1])
+    for _, k in dims[lo:hi + 1]:  # (a loop, not any(<genexpr>): dynamo traces it)
+        if k != "b":
+            return None
+    A = math.prod([o for o, _ in dims[:lo]])
+    B = math.prod([o for o, _ in dims[lo:hi + 1]])
     return A, B, n // (A * B)
 
 
@@ -168,11 +169,11 @@ def _var_plan(vshape, out_shape):
 # backends
 # ----------------------------------------------------------------------------------------------
 @_dispatch.register("gaussian_nll", "torch")
-def _torch_impl(input, target, var, full, eps, reduction, log_var, beta):
+def _torch_impl(input, target, var, full, eps, reduction, log_var, beta, check_var=True):
     """Plain formula (torch's, op for op); checks the sign of var on the host like torch."""
     if isinstance(var, float):
         var = var * torch.ones_like(input)
-    elif not log_var and torch.any(var < 0):
+    elif check_var and not log_var and torch.any(var < 0):
         raise ValueError("var has negative entry/entries")
     return _ref.nll_formula(input, target, var, full, eps, reduction, log_var, beta)
 
@@ -181,11 +182,11 @@ class _FusedNLL(torch.autograd.Function):
     """x, t [A*B*C] and v [A*C] contiguous, one dtype; k: the backend's kernels."""
 
     @staticmethod
-    def forward(ctx, x, t, v, k, A, B, C, full, eps, log_var, beta, red, out_shape, grad_on):
+    def forward(ctx, x, t, v, k, A, B, C, full, eps, log_var, beta, red, out_shape, grad_on, check_var):
         # needs_input_grad is set under torch.no_grad() too: grad_on is the caller's grad mode
         need_x, need_t, need_v = (bool(n) and grad_on for n in ctx.needs_input_grad[:3])
         loss, gx, gt, gv, neg = k.forward(x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v)
-        if not log_var and bool(neg):  # the one host read of the call (a sync on GPU)
+        if check_var and not log_var and bool(neg):  # the one host read of the call (a sync on GPU)
             raise ValueError("var has negative entry/entries")
         ctx.k, ctx.plan = k, (A, B, C, full, eps, log_var, beta, red)
         ctx.need = (need_x, need_t, need_v)
@@ -212,14 +213,13 @@ class _FusedNLL(torch.autograd.Function):
             else:
                 gx, gt, gv = stash
             k.scale([g for g, n in ((gx, need_x), (gt, need_t), (gv, need_v)) if n], grad_out)
-        return (gx if need_x else None, gt if need_t else None, gv if need_v else None) + (None,) * 11
+        return (gx if need_x else None, gt if need_t else None, gv if need_v else None) + (None,) * 12
 
 
-def _fused(k, input, target, var, full, eps, reduction, log_var, beta):
+def _plan(input, target, var):
+    """Flat contiguous (x, t, v) in the result dtype and the (A, B, C) plan (see module doc)."""
     out_shape = _broadcast_shape(input, target, var)
     N = math.prod(out_shape)
-    if N == 0:  # empty: nothing to fuse (torch's formula gives nan / 0 / an empty tensor)
-        return _torch_impl(input, target, var, full, eps, reduction, log_var, beta)
     dt = _result_dtype(input, target, var)
     x = input.to(dt)
     t = target.to(dt)
@@ -236,10 +236,16 @@ def _fused(k, input, target, var, full, eps, reduction, log_var, beta):
         x = x.expand(out_shape)
     if t.shape != out_shape:
         t = t.expand(out_shape)
-    A, B, C = plan
-    return _FusedNLL.apply(x.contiguous().view(-1), t.contiguous().view(-1), v.contiguous().view(-1), k,
-                           A, B, C, bool(full), float(eps), bool(log_var), float(beta), _RED[reduction],
-                           out_shape, torch.is_grad_enabled())
+    return x.contiguous().view(-1), t.contiguous().view(-1), v.contiguous().view(-1), plan, out_shape
+
+
+def _fused(k, input, target, var, full, eps, reduction, log_var, beta, check_var=True):
+    if math.prod(_broadcast_shape(input, target, var)) == 0:
+        # empty: nothing to fuse (torch's formula gives nan / 0 / an empty tensor)
+        return _torch_impl(input, target, var, full, eps, reduction, log_var, beta, check_var)
+    x, t, v, (A, B, C), out_shape = _plan(input, target, var)
+    return _FusedNLL.apply(x, t, v, k, A, B, C, bool(full), float(eps), bool(log_var), float(beta), _RED[reduction],
+                           out_shape, torch.is_grad_enabled(), bool(check_var))
 
 
 # ---- cpu: fastgen._C --------------------------------------------------------------------------
@@ -258,8 +264,8 @@ _CPU = SimpleNamespace(
 
 
 @_dispatch.register("gaussian_nll", "cpu")
-def _cpu_impl(input, target, var, full, eps, reduction, log_var, beta):
-    return _fused(_CPU, input, target, var, full, eps, reduction, log_var, beta)
+def _cpu_impl(input, target, var, full, eps, reduction, log_var, beta, check_var=True):
+    return _fused(_CPU, input, target, var, full, eps, reduction, log_var, beta, check_var)
 
 
 # ---- triton -----------------------------------------------------------------------------------
@@ -456,14 +462,171 @@ _TRITON = SimpleNamespace(forward=_triton_forward, backward=_triton_backward, sc
 
 
 @_dispatch.register("gaussian_nll", "triton")
-def _triton_impl(input, target, var, full, eps, reduction, log_var, beta):
-    return _fused(_TRITON, input, target, var, full, eps, reduction, log_var, beta)
+def _triton_impl(input, target, var, full, eps, reduction, log_var, beta, check_var=True):
+    return _fused(_TRITON, input, target, var, full, eps, reduction, log_var, beta, check_var)
+
+
+# ---- torch: the formula on the flat plan, for the custom op ------------------------------------
+def _torch_terms(x, t, v, A, B, C, full, eps, log_var, beta):
+    """(d, inv, lg, w, l) in the accumulation dtype (float32 for half inputs), viewed [A, B, C]."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa, ta, va = x.view(A, B, C).to(acc), t.view(A, B, C).to(acc), v.view(A, 1, C).to(acc)
+    if log_var:
+        lg, inv = va, torch.exp(-va)
+    else:
+        vc = va.clamp(min=eps)  # NaN stays NaN, like torch
+        lg, inv = torch.log(vc), 1.0 / vc
+    w = torch.exp(beta * lg) if beta != 0.0 else None
+    d = xa - ta
+    r2 = d * d * inv
+    l = 0.5 * (lg + r2) + (_HALF_LOG_2PI if full else 0.0)
+    if w is not None:
+        l = w * l
+    return d, inv, w, r2, l
+
+
+def _torch_grads(d, inv, w, r2, f, log_var, need_x, need_t, need_v, dt):
+    wi = inv if w is None else w * inv
+    gi = wi * d * f if (need_x or need_t) else None
+    gx = gi.to(dt).reshape(-1) if need_x else None
+    gt = (-gi).to(dt).reshape(-1) if need_t else None
+    gv = None
+    if need_v:
+        gvv = 0.5 * (1.0 - r2) * f * ((1.0 if w is None else w) if log_var else wi)
+        gv = gvv.sum(1).to(dt).reshape(-1)
+    return gx, gt, gv
+
+
+def _torch_forward(x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v):
+    dt, N = x.dtype, x.numel()
+    d, inv, w, r2, l = _torch_terms(x, t, v, A, B, C, full, eps, log_var, beta)
+    if red == 0:
+        loss = l.to(dt).reshape(-1)
+    else:
+        loss = (l.sum() / N if red == 1 else l.sum()).to(dt)
+    gx = gt = gv = None
+    if red != 0 and (need_x or need_t or need_v):
+        gx, gt, gv = _torch_grads(d, inv, w, r2, 1.0 / N if red == 1 else 1.0, log_var, need_x, need_t, need_v, dt)
+    neg = (v < 0).any() if not log_var else torch.zeros((), dtype=torch.bool, device=x.device)
+    empty = x.new_empty(0)
+    return loss, *(g if g is not None else empty for g in (gx, gt, gv)), neg
+
+
+def _torch_backward(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v):
+    d, inv, w, r2, _ = _torch_terms(x, t, v, A, B, C, full, eps, log_var, beta)
+    f = go.view(A, B, C).to(d.dtype)
+    gx, gt, gv = _torch_grads(d, inv, w, r2, f, log_var, need_x, need_t, need_v, x.dtype)
+    empty = x.new_empty(0)
+    return tuple(g if g is not None else empty for g in (gx, gt, gv))
+
+
+_KERNELS = {"cpu": _CPU, "torch": SimpleNamespace(forward=_torch_forward, backward=_torch_backward)}
+if _HAS_TRITON:
+    _KERNELS["triton"] = _TRITON
+
+
+def _kernels(device_type: str):
+    """The kernels of the backend fastgen._dispatch selects now (use_backend / FASTGEN_BACKEND)."""
+    name, _ = _dispatch.select("gaussian_nll", "auto", device_type)
+    return _KERNELS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops: what torch.compile sees (fake kernels + registered autograd; see fastgen/_compile.py)
+# ----------------------------------------------------------------------------------------------
+def _out(t, need, like):
+    return t if need else _compile.fresh_empty(like)
+
+
+@_compile.custom_op("fastgen::gaussian_nll_loss", mutates_args=())
+def _op_forward(x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, A: int, B: int, C: int, full: bool,
+                eps: float, log_var: bool, beta: float, red: int, need_x: bool, need_t: bool, need_v: bool,
+                check_var: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat plan (see module doc) -> (loss, grad_x, grad_t, grad_var): the gradients of the
+    reduced loss (mean / sum) when requested, 0-element tensors otherwise and for "none".
+    check_var: a negative var raises ValueError on CPU (no sync there) and makes the loss NaN
+    on other devices (on device: no host sync, CUDA-graph safe)."""
+    k = _kernels(x.device.type)
+    loss, gx, gt, gv, neg = k.forward(x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v)
+    if check_var and not log_var:
+        if x.device.type == "cpu":
+            if bool(neg):
+                raise ValueError("var has negative entry/entries")
+        else:
+            loss = torch.where(neg.reshape(-1)[0] != 0, torch.full_like(loss, float("nan")), loss)
+    grads = red != 0
+    return (loss.clone() if loss is x else loss, _out(gx, grads and need_x, x), _out(gt, grads and need_t, x),
+            _out(gv, grads and need_v, x))
+
+
+@_op_forward.register_fake
+def _(x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v, check_var):
+    grads = red != 0
+    loss = x.new_empty(x.shape) if red == 0 else x.new_empty(())
+    return (loss, x.new_empty(x.shape if grads and need_x else (0,)), x.new_empty(x.shape if grads and need_t else (0,)),
+            x.new_empty(v.shape if grads and need_v else (0,)))
+
+
+@_compile.custom_op("fastgen::gaussian_nll_loss_backward", mutates_args=())
+def _op_backward(go: torch.Tensor, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, A: int, B: int, C: int,
+                 full: bool, eps: float, log_var: bool, beta: float, need_x: bool, need_t: bool,
+                 need_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of reduction "none": go [A*B*C] -> (grad_x, grad_t, grad_var), 0-element where
+    not requested."""
+    k = _kernels(x.device.type)
+    go = go.to(x.dtype).contiguous()
+    gx, gt, gv = k.backward(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v)
+    return _out(gx, need_x, x), _out(gt, need_t, x), _out(gv, need_v, x)
+
+
+@_op_backward.register_fake
+def _(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v):
+    return (x.new_empty(x.shape if need_x else (0,)), x.new_empty(x.shape if need_t else (0,)),
+            x.new_empty(v.shape if need_v else (0,)))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v, _ = inputs
+    ctx.plan = (A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v)
+    if red == 0:
+        ctx.save_for_backward(x, t, v)
+    else:  # the gradients came with the forward pass: backward only scales them
+        ctx.save_for_backward(*output[1:])
+
+
+def _op_autograd(ctx, grad_loss, _gx, _gt, _gv):
+    A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v = ctx.plan
+    if red == 0:
+        x, t, v = ctx.saved_tensors
+        gx, gt, gv = _op_backward(grad_loss, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v)
+    else:
+        gx, gt, gv = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)  # on device: no sync
+    return (gx if need_x else None, gt if need_t else None, gv if need_v else None) + (None,) * 12
+
+
+_op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
+
+
+def _via_custom_op(input, target, var, full, eps, reduction, log_var, beta, check_var=True):
+    """The custom-op path (used under torch.compile; callable eagerly for tests). Arguments as
+    after _check_args."""
+    out_shape = _broadcast_shape(input, target, var)
+    if math.prod(out_shape) == 0:  # empty: torch's formula (nan / 0 / an empty tensor)
+        v = var * torch.ones_like(input) if isinstance(var, float) else var
+        return _ref.nll_formula(input, target, v, full, eps, reduction, log_var, beta)
+    x, t, v, (A, B, C), out_shape = _plan(input, target, var)
+    grad_on = torch.is_grad_enabled()
+    loss, _, _, _ = _op_forward(x, t, v, A, B, C, bool(full), float(eps), bool(log_var), float(beta),
+                                _RED[reduction], grad_on and x.requires_grad, grad_on and t.requires_grad,
+                                grad_on and v.requires_grad, bool(check_var))
+    return loss.view(out_shape) if reduction == "none" else loss
 
 
 # ----------------------------------------------------------------------------------------------
 # public
 # ----------------------------------------------------------------------------------------------
-def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean", *, log_var=False, beta=0.0):
+def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean", *, log_var=False, beta=0.0,
+                      check_var=True):
     r"""Gaussian negative log-likelihood: a drop-in for ``torch.nn.functional.gaussian_nll_loss``.
 
     Per element, with :math:`v = \max(\mathrm{var}, \epsilon)` (or :math:`v = e^{\mathrm{var}}`
@@ -486,6 +649,11 @@ def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         log_var: the third argument is :math:`\log \mathrm{var}` (no clamp, no sign check).
         beta: beta-NLL exponent >= 0 (0: plain NLL; 0.5 is the paper's recommendation).
+        check_var: raise ValueError for a negative entry of a var tensor (torch's check). It is
+            the one host synchronisation of the op on GPU; ``check_var=False`` (or
+            ``log_var=True``) skips it, so the call can be captured in a CUDA graph. Under
+            ``torch.compile`` the check never breaks the graph: on CPU it still raises, on
+            GPU a negative var makes the loss NaN instead (on device, no sync).
 
     Returns:
         a 0-d tensor (mean / sum) or a tensor of the broadcast shape (``"none"``), in the dtype
@@ -499,13 +667,24 @@ def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"
 
     Gradients for input, target and var. The fused backends are differentiable once (no
     double backward). The negative-var check reads one flag on the host per call (one sync on
-    GPU; none with ``log_var=True``).
+    GPU; none with ``log_var=True`` or ``check_var=False``).
+
+    PyTorch integration: under ``torch.compile`` the call is the custom op
+    ``torch.ops.fastgen.gaussian_nll_loss`` (fake kernel, registered autograd; the backend is
+    still chosen by fastgen._dispatch when it runs): ``fullgraph=True`` works. Autocast does not
+    recast the inputs: float16 / bfloat16 are read as they are, accumulated in float32, and
+    the result has the promoted input dtype. Deterministic: the same inputs give bitwise the
+    same loss and gradients on every backend (fixed-order reductions, no float atomics).
     """
     if has_torch_function_variadic(input, target, var):
         return handle_torch_function(gaussian_nll_loss, (input, target, var), input, target, var, full=full,
-                                     eps=eps, reduction=reduction, log_var=log_var, beta=beta)
+                                     eps=eps, reduction=reduction, log_var=log_var, beta=beta,
+                                     check_var=check_var)
     log_var = bool(log_var)
     var = _check_args(input, target, var, full, eps, reduction, log_var, beta)
     _broadcast_shape(input, target, var)  # target must broadcast with input (every backend)
+    if _compile.is_compiling():  # one opaque custom op: no graph break, backend chosen at run time
+        return _via_custom_op(input, target, var, bool(full), float(eps), reduction, log_var, float(beta),
+                              bool(check_var))
     _, impl = _dispatch.select("gaussian_nll", "auto", input.device.type)
-    return impl(input, target, var, bool(full), float(eps), reduction, log_var, float(beta))
+    return impl(input, target, var, bool(full), float(eps), reduction, log_var, float(beta), bool(check_var))
