@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .. import _backend
+from .. import _backend, _compile
 from .._dispatch import register, select
 from .._validate import FLOAT_DTYPES, check_kind, check_same_device, check_tensor
 
@@ -358,8 +358,9 @@ def _sll_triton(y, samples, s, kind):
 # ---------------------------------------------------------------------------------------------
 # public function
 # ---------------------------------------------------------------------------------------------
-def _check_sigma(sigma, D: int, device, dtype) -> torch.Tensor:
-    """sigma -> a [1] or [D] tensor of the compute dtype (differentiable when sigma is)."""
+def _check_sigma(sigma, D: int, device, dtype, check_values: bool = True) -> torch.Tensor:
+    """sigma -> a [1] or [D] tensor of the compute dtype (differentiable when sigma is).
+    check_values=False skips the value check of a tensor sigma (a host read on CUDA)."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
         raise TypeError(f"sigma must be a float or a floating-point tensor, got {type(sigma).__name__}")
     if not isinstance(sigma, torch.Tensor):
@@ -381,11 +382,74 @@ def _check_sigma(sigma, D: int, device, dtype) -> torch.Tensor:
     else:
         raise ValueError(f"sigma must be a float, a one-element tensor or a [D] = [{D}] tensor, "
                          f"got shape {tuple(sigma.shape)}")
+    if check_values:
+        _check_sigma_values(s)
+    return s.to(dtype).contiguous()
+
+
+def _check_sigma_values(s: torch.Tensor) -> None:
     sd = s.detach()
     # one reduction over sigma (1 or D values); on CUDA one bool is read back to the host
     if not bool(((sd > 0) & (sd < math.inf)).all()):
         raise ValueError("sigma must be finite and > 0 everywhere")
-    return s.to(dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: what torch.compile sees (fake kernels, registered autograd; fastgen/_compile.py)
+# ---------------------------------------------------------------------------------------------
+_IMPLS = {"torch": _TorchImpl, "cpu": _CppImpl}
+if HAS_TRITON:
+    _IMPLS["triton"] = _TritonImpl
+
+
+def _impl_for(y: torch.Tensor, samples: torch.Tensor):
+    """The backend fastgen._dispatch selects now (use_backend / FASTGEN_BACKEND honoured)."""
+    name, _ = select("spread_log_likelihood", "auto", y.device.type, N=y.shape[0], S=samples.shape[0], D=y.shape[1])
+    return _IMPLS[name]
+
+
+@_compile.custom_op("fastgen::spread_log_likelihood_op", mutates_args=())
+def _op_forward(y: torch.Tensor, samples: torch.Tensor, s: torch.Tensor, kind: int) -> torch.Tensor:
+    """y [N, D], samples [S, D], s [1] or [D]: one dtype (float32 / float64), contiguous -> [N].
+    A tensor sigma is checked here on CPU (no sync there); on GPU a sigma <= 0 gives NaN."""
+    if y.device.type == "cpu":
+        _check_sigma_values(s)
+    return _impl_for(y, samples).forward(y, samples, s, kind)
+
+
+@_op_forward.register_fake
+def _(y, samples, s, kind):
+    return y.new_empty(y.shape[:1])
+
+
+@_compile.custom_op("fastgen::spread_log_likelihood_op_backward", mutates_args=())
+def _op_backward(g: torch.Tensor, y: torch.Tensor, samples: torch.Tensor, s: torch.Tensor, out: torch.Tensor,
+                 kind: int, ny: bool, nx: bool, ns: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_y, grad_samples, grad_sigma); 0-element tensors where not requested."""
+    gy, gx, gs = _impl_for(y, samples).backward(g.contiguous(), y, samples, s, out, kind, ny, nx, ns)
+    return tuple(t if need else _compile.fresh_empty(like)
+                 for t, need, like in ((gy, ny, y), (gx, nx, samples), (gs, ns, s)))
+
+
+@_op_backward.register_fake
+def _(g, y, samples, s, out, kind, ny, nx, ns):
+    return tuple(like.new_empty(like.shape if need else (0,)) for need, like in ((ny, y), (nx, samples), (ns, s)))
+
+
+def _op_setup_context(ctx, inputs, output):
+    y, samples, s, kind = inputs
+    ctx.kind = kind
+    ctx.save_for_backward(y, samples, s, output)
+
+
+def _op_autograd(ctx, g):
+    y, samples, s, out = ctx.saved_tensors
+    ny, nx, ns = ctx.needs_input_grad[:3]
+    gy, gx, gs = _op_backward(g, y, samples, s, out, ctx.kind, ny, nx, ns)
+    return (gy if ny else None), (gx if nx else None), (gs if ns else None), None
+
+
+_op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
 
 
 def spread_log_likelihood(y: torch.Tensor, samples: torch.Tensor, sigma, *, kind: str = "gaussian") -> torch.Tensor:
@@ -411,6 +475,13 @@ def spread_log_likelihood(y: torch.Tensor, samples: torch.Tensor, sigma, *, kind
     holds [N_chunk, S]. Backend: ``"cpu"`` on CPU when fastgen._C is built, ``"triton"`` on
     CUDA, else ``"torch"``.
 
+    PyTorch integration: under ``torch.compile`` the call is the custom op
+    ``torch.ops.fastgen.spread_log_likelihood_op`` (fake kernel, registered autograd, backend
+    chosen when it runs): ``fullgraph=True`` works. There a tensor sigma is value-checked
+    inside the op on CPU (no sync); on GPU the check is skipped (no host sync) and sigma <= 0
+    gives NaN. Autocast does not recast: float16 / bfloat16 inputs are computed in float32.
+    Deterministic: fixed-order reductions on every backend (no float atomics).
+
     Raises:
         TypeError: non-tensor or non-float y / samples / sigma.
         ValueError: y or samples not 2-D or empty, D mismatch, different devices, sigma <= 0 /
@@ -424,8 +495,11 @@ def spread_log_likelihood(y: torch.Tensor, samples: torch.Tensor, sigma, *, kind
     if samples.shape[1] != D:
         raise ValueError(f"samples must have D = {D} columns like y, got shape {tuple(samples.shape)}")
     dtype = torch.float64 if torch.float64 in (y.dtype, samples.dtype) else torch.float32
-    s = _check_sigma(sigma, D, y.device, dtype)
+    compiling = _compile.is_compiling()
+    s = _check_sigma(sigma, D, y.device, dtype, check_values=not compiling)
     yc = y.to(dtype).contiguous()
     xc = samples.to(dtype).contiguous()
+    if compiling:  # one opaque custom op: no graph break, the backend chosen when it runs
+        return _op_forward(yc, xc, s, _KIND_ID[kind])
     _, fn = select("spread_log_likelihood", "auto", y.device.type, N=N, S=samples.shape[0], D=D)
     return fn(yc, xc, s, _KIND_ID[kind])

@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from .. import _backend
+from .. import _backend, _compile
 from .._dispatch import register, select
 from .._validate import FLOAT_DTYPES, check_kind, check_tensor
 
@@ -453,8 +453,9 @@ def _spread_noise_triton(x, sigma_t, sigma_f, kind, seed, offset):
 # ---------------------------------------------------------------------------------------------
 # public function
 # ---------------------------------------------------------------------------------------------
-def _check_sigma(sigma, x: torch.Tensor):
-    """Returns (sigma_t, sigma_f): a tensor view of sigma with x.dim() dims, or a float."""
+def _check_sigma(sigma, x: torch.Tensor, check_values: bool = True):
+    """Returns (sigma_t, sigma_f): a tensor view of sigma with x.dim() dims, or a float.
+    check_values=False skips the value check of a tensor sigma (a host read on CUDA)."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
         raise TypeError(f"sigma must be a float or a floating-point tensor, got {type(sigma).__name__}")
     if not isinstance(sigma, torch.Tensor):
@@ -476,14 +477,91 @@ def _check_sigma(sigma, x: torch.Tensor):
     if bshape != x.shape:
         raise ValueError(f"sigma of shape {tuple(sigma.shape)} must be broadcastable to x of shape "
                          f"{tuple(x.shape)} (without enlarging x)")
+    if check_values:
+        _check_sigma_values(sigma)
+    view = sigma.reshape((1,) * (x.dim() - sigma.dim()) + tuple(sigma.shape)) if sigma.dim() < x.dim() else sigma
+    return view, None
+
+
+def _check_sigma_values(sigma: torch.Tensor) -> None:
     if sigma.numel() > 0:
         # one reduction over sigma (small: a scalar or per-dimension spread). On CUDA this reads
         # one bool back to the host; pass sigma as a float to avoid it.
         sd = sigma.detach()
         if not bool(((sd >= 0) & (sd < math.inf)).all()):
             raise ValueError("sigma must be finite and >= 0 everywhere")
-    view = sigma.reshape((1,) * (x.dim() - sigma.dim()) + tuple(sigma.shape)) if sigma.dim() < x.dim() else sigma
-    return view, None
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: what torch.compile sees (fake kernels, registered autograd; fastgen/_compile.py)
+# ---------------------------------------------------------------------------------------------
+_IMPLS = {"torch": _TorchImpl, "cpu": _CppImpl}
+if HAS_TRITON:
+    _IMPLS["triton"] = _TritonImpl
+
+
+def _impl_for(x: torch.Tensor, sigma_t):
+    """The backend fastgen._dispatch selects now (use_backend / FASTGEN_BACKEND honoured)."""
+    ng = 0
+    if sigma_t is not None and sigma_t.numel() > 1:
+        ng = len(_groups(x.shape, sigma_t.expand(x.shape).stride()))
+    name, _ = select("spread_noise", "auto", x.device.type, numel=x.numel(), sigma_groups=ng)
+    return _IMPLS[name]
+
+
+def _seed_of(seed: torch.Tensor) -> int:
+    return int(seed) & _SEED_MASK  # a CPU int64 scalar: reading it is free
+
+
+@_compile.custom_op("fastgen::spread_noise_op", mutates_args=())
+def _op_forward(x: torch.Tensor, sigma_t: torch.Tensor | None, sigma_f: float, kind: int,
+                seed: torch.Tensor) -> torch.Tensor:
+    """x contiguous; sigma_t a view of sigma with x.dim() dims (or None: the float sigma_f);
+    seed a CPU int64 scalar tensor (offset 0). A tensor sigma is value-checked here on CPU (no
+    sync there); on GPU the check is skipped (no host sync)."""
+    if sigma_t is not None and x.device.type == "cpu":
+        _check_sigma_values(sigma_t)
+    y = _impl_for(x, sigma_t).forward(x, sigma_t, sigma_f, kind, _seed_of(seed), 0)
+    return y.clone() if y is x else y
+
+
+@_op_forward.register_fake
+def _(x, sigma_t, sigma_f, kind, seed):
+    return x.new_empty(x.shape)
+
+
+@_compile.custom_op("fastgen::spread_noise_op_grad_sigma", mutates_args=())
+def _op_grad_sigma(grad_y: torch.Tensor, x: torch.Tensor, sigma_t: torch.Tensor, kind: int,
+                   seed: torch.Tensor) -> torch.Tensor:
+    """sum(eps * grad_y) over the broadcast dims of sigma_t, the noise regenerated from seed;
+    x (only its shape / device matter) picks the same backend as the forward pass."""
+    g = _impl_for(x, sigma_t).grad_sigma(grad_y.contiguous(), sigma_t, kind, _seed_of(seed), 0)
+    return g.reshape(sigma_t.shape).to(sigma_t.dtype).clone()
+
+
+@_op_grad_sigma.register_fake
+def _(grad_y, x, sigma_t, kind, seed):
+    return sigma_t.new_empty(sigma_t.shape)
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, sigma_t, sigma_f, kind, seed = inputs
+    ctx.kind = kind
+    ctx.has_sigma = sigma_t is not None
+    if sigma_t is not None:
+        ctx.save_for_backward(x, sigma_t, seed)
+
+
+def _op_autograd(ctx, grad_y):
+    gx = grad_y if ctx.needs_input_grad[0] else None
+    gs = None
+    if ctx.has_sigma and ctx.needs_input_grad[1]:
+        x, sigma_t, seed = ctx.saved_tensors
+        gs = _op_grad_sigma(grad_y, x, sigma_t, ctx.kind, seed)
+    return gx, gs, None, None, None
+
+
+_op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
 
 
 def spread_noise(x: torch.Tensor, sigma, *, kind: str = "gaussian", generator=None) -> torch.Tensor:
@@ -516,6 +594,14 @@ def spread_noise(x: torch.Tensor, sigma, *, kind: str = "gaussian", generator=No
     built, ``"triton"`` on CUDA, else ``"torch"`` (override with ``fastgen._dispatch.use_backend``
     or FASTGEN_BACKEND).
 
+    PyTorch integration: under ``torch.compile`` the call is the custom op
+    ``torch.ops.fastgen.spread_noise_op`` (fake kernel, registered autograd, backend chosen when
+    it runs) with its seed drawn inside the graph from the default generator (a fresh seed per
+    call; ``generator`` must be None there): ``fullgraph=True`` works. A tensor sigma is then
+    value-checked inside the op on CPU; on GPU that check is skipped (no host sync). Autocast
+    does not recast: y has x's dtype, computed in float32. Deterministic: the same seed gives
+    bitwise the same noise (counter-based; no atomics).
+
     Raises:
         TypeError: x or sigma not a floating-point tensor / float; generator not a Generator;
             kind not a string.
@@ -525,7 +611,14 @@ def spread_noise(x: torch.Tensor, sigma, *, kind: str = "gaussian", generator=No
     """
     check_tensor("x", x, allow_empty=True)
     kind = check_kind(kind)
-    sigma_t, sigma_f = _check_sigma(sigma, x)
+    compiling = _compile.is_compiling()
+    sigma_t, sigma_f = _check_sigma(sigma, x, check_values=not compiling)
+    if compiling:  # one opaque custom op; the seed is drawn in the graph (a fresh one per call)
+        if generator is not None:
+            raise ValueError("spread_noise under torch.compile draws its seed from the default generator "
+                             "(torch.manual_seed): pass generator=None")
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+        return _op_forward(x.contiguous(), sigma_t, 0.0 if sigma_f is None else sigma_f, _KIND_ID[kind], seed)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     xc = x.contiguous()
