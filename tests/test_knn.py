@@ -65,7 +65,7 @@ def test_random_small(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N,M,D,k", [(40, 300, 1, 3), (64, 500, 7, 1), (50, 333, 64, 16), (23, 200, 513, 5),
-                                     (5, 4000, 16, 2)])
+                                     (5, 4000, 16, 2), (40, 1000, 16, 100)])
 def test_random(backend, N, M, D, k):
     torch.manual_seed(N + M + D + k)
     check(torch.randn(N, D), torch.randn(M, D) * 2.0, k, backend)

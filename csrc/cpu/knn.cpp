@@ -392,7 +392,9 @@ struct Bound {
   double operator()(double A) const {
     const double u = U32;
     const double eps = U32 + std::ldexp(1.0, -52);
-    const double e_r = 2.0 * u * B * B * (1.0 + 4 * u) + 2.0 * (gamma_n(steps) + u) * A * B * (1.0 + gamma_n(steps));
+    // nk: rounded once from a double sum (u + D 2^-52); final FMA: u (B^2 (1 + u) + 2 A B (1 + gamma))
+    const double e_r = B * B * (2.0 * u + (double)D * std::ldexp(1.0, -52) + 2.0 * u * u) +
+                       2.0 * A * B * (gamma_n(steps) + u) * (1.0 + gamma_n(steps));
     const double AB = (A + B) / (1.0 - eps);
     const double e_c = (2.0 * eps + eps * eps) * AB * AB;
     const double tiny = (double)(D + 8) * std::ldexp(1.0, -125) * 4.0;
@@ -697,7 +699,8 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
         std::partial_sort(ex.begin(), ex.begin() + k, ex.begin() + nc);
         const double Dk = ex[k - 1].first;
         const double delta = bnd(std::sqrt(nq[i]));
-        const double slop = 4.0 * std::ldexp(1.0, -52) * (nq[i] + std::fabs((double)Tc) + delta + Dk);
+        // the double rounding of nq, Dk (D-term sums) and of this comparison
+        const double slop = (double)(D + 8) * std::ldexp(1.0, -52) * (nq[i] + std::fabs((double)Tc) + delta + Dk);
         if (nq[i] + (double)Tc - delta - slop > Dk) {  // certified: no other key can reach the top k
           for (int64_t s = 0; s < k; ++s) {
             od[i * k + s] = (OutT)ex[s].first;
@@ -800,7 +803,7 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
                                 }
                                 if (n == k) {  // tighten: only keys that can still beat the k-th
                                   const double delta = bound(std::sqrt(nq[i]));
-                                  const double slop = 4.0 * std::ldexp(1.0, -52) * (nq[i] + delta + v[0]);
+                                  const double slop = (double)(D + 8) * std::ldexp(1.0, -52) * (nq[i] + delta + v[0]);
                                   tau_p[r] = std::min(tau_p[r], float_up(v[0] - nq[i] + delta + slop));
                                 }
                               };

@@ -65,7 +65,8 @@ def _bound(A: torch.Tensor, B: torch.Tensor, steps: float, u_dot: float) -> torc
     order of ``steps`` roundings; A = ||a|| per query, B = max ||b|| (float64 tensors)."""
     u = _U32
     g = _gamma(steps, u) + 2.0 * u_dot if u_dot > u else _gamma(steps, u)
-    e_r = 2.0 * u * B * B * (1 + 4 * u) + 2.0 * (g + 2 * u) * A * B * (1 + g)
+    D = max(steps, 1.0)
+    e_r = B * B * (2.0 * u + D * 2.0 ** -52 + 2 * u * u) + 2.0 * (g + 2 * u) * A * B * (1 + g)
     AB = (A + B) / (1.0 - _EPS_C)
     e_c = (2.0 * _EPS_C + _EPS_C ** 2) * AB * AB
     return 1.01 * (e_r + e_c) + 1e-36
@@ -200,10 +201,11 @@ def _topc(a: torch.Tensor, b: torch.Tensor, nk: torch.Tensor, C: int):
     return cand, T
 
 
-def _certified(nq, T, delta, Dk):
-    """||a||^2 + T - delta > Dk, with a margin for the float64 rounding of the comparison itself."""
+def _certified(nq, T, delta, Dk, D):
+    """||a||^2 + T - delta > Dk, with a margin for the float64 rounding of nq, Dk (D-term sums) and
+    of the comparison itself."""
     T = T.to(torch.float64)
-    slop = 4 * 2.0 ** -52 * (nq + T.abs() + delta + Dk)
+    slop = (D + 8) * 2.0 ** -52 * (nq + T.abs() + delta + Dk)
     return nq + T - delta - slop > Dk
 
 
@@ -229,9 +231,9 @@ def _settle(query, key, k, d, i, failed):
             dr, ir = _rerank(query[b:b + 1, rows], key[b:b + 1], cand, k)
             u = _U64
             A, Bn = nq.sqrt(), nk.max().sqrt()
-            e_r = 2 * u * Bn * Bn * (1 + 4 * u) + 2 * (_gamma(D + 2, u) + 2 * u) * A * Bn * (1 + 1e-6)
+            e_r = Bn * Bn * (D + 4) * 2.0 ** -52 + 2 * (_gamma(D + 2, u) + 2 * u) * A * Bn * (1 + 1e-6)
             e_c = 4.0 * 2.0 ** -52 * (A + Bn) ** 2
-            ok = _certified(nq, T, 1.01 * (e_r + e_c) + 1e-300, dr[..., k - 1])[0]
+            ok = _certified(nq, T, 1.01 * (e_r + e_c) + 1e-300, dr[..., k - 1], D)[0]
             d[b, rows[ok]], i[b, rows[ok]] = dr[0, ok], ir[0, ok]
             rows = rows[~ok]
         if rows.numel():
@@ -268,7 +270,7 @@ def knn_torch(query: torch.Tensor, key: torch.Tensor, k: int):
     d, i = _rerank(query, key, cand, k)
     # certificate: every non-candidate has d >= ||a||^2 + T - delta
     delta = _bound(A, Bn[:, None], float(D) + 2.0, _matmul_unit(query.device))
-    failed = ~_certified(nq, T, delta, d[..., k - 1])
+    failed = ~_certified(nq, T, delta, d[..., k - 1], D)
     _settle(query, key, k, d, i, failed)
     return d.to(out), i
 
@@ -351,7 +353,7 @@ def knn_faiss(query: torch.Tensor, key: torch.Tensor, k: int):
         dr, ir = _rerank(query[bb:bb + 1], key[bb:bb + 1], ii[None], k)
         d[bb], i[bb] = dr[0], ir[0]
         # faiss returns full distances: non-candidates have d >= T - delta (T: the C-th value)
-        failed[bb] = ~_certified(torch.zeros_like(delta[bb]), dd[:, C - 1], delta[bb], dr[0, :, k - 1])
+        failed[bb] = ~_certified(torch.zeros_like(delta[bb]), dd[:, C - 1], delta[bb], dr[0, :, k - 1], D)
     _settle(query, key, k, d, i, failed)
     return d.to(out), i
 
