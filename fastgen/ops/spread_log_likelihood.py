@@ -427,7 +427,8 @@ def _op_backward(g: torch.Tensor, y: torch.Tensor, samples: torch.Tensor, s: tor
                  kind: int, ny: bool, nx: bool, ns: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_y, grad_samples, grad_sigma); 0-element tensors where not requested."""
     gy, gx, gs = _impl_for(y, samples).backward(g.contiguous(), y, samples, s, out, kind, ny, nx, ns)
-    return tuple(t if need else _compile.fresh_empty(like)
+    # contiguous: the fake kernel cannot know a backend's layout (triton's grad_y is a transpose)
+    return tuple(t.contiguous() if need else _compile.fresh_empty(like)
                  for t, need, like in ((gy, ny, y), (gx, nx, samples), (gs, ns, s)))
 
 
