@@ -59,7 +59,9 @@ def _is_real_number(x) -> bool:
 
 
 def _any_negative(var, log_var: bool) -> bool:
+    # (error paths only; under torch.compile the other error is raised: no data-dependent read)
     return (isinstance(var, torch.Tensor) and not log_var and var.numel() > 0 and var.device.type != "meta"
+            and not _compile.is_compiling()
             and not var.is_complex() and bool(torch.any(var < 0)))
 
 
