@@ -21,6 +21,13 @@ if not hasattr(torch.library, "custom_op"):  # pragma: no cover - torch < 2.4
 custom_op = torch.library.custom_op
 
 
+def op(name: str, schema: str):
+    """``torch.library.custom_op("fastgen::<name>")`` with an explicit schema (no mutation):
+    torch 2.4 cannot infer one from the string annotations of ``from __future__ import
+    annotations`` modules."""
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=(), schema=schema)
+
+
 def is_compiling() -> bool:
     """True while torch.compile (dynamo) traces the caller."""
     fn = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3

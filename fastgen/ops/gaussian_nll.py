@@ -540,7 +540,10 @@ def _out(t, need, like):
     return t if need else _compile.fresh_empty(like)
 
 
-@_compile.custom_op("fastgen::gaussian_nll_loss", mutates_args=())
+@_compile.op("gaussian_nll_loss",
+             "(Tensor x, Tensor t, Tensor v, SymInt A, SymInt B, SymInt C, bool full, float eps, "
+             "bool log_var, float beta, int red, bool need_x, bool need_t, bool need_v, "
+             "bool check_var) -> (Tensor, Tensor, Tensor, Tensor)")
 def _op_forward(x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, A: int, B: int, C: int, full: bool,
                 eps: float, log_var: bool, beta: float, red: int, need_x: bool, need_t: bool, need_v: bool,
                 check_var: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -569,7 +572,10 @@ def _(x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v, c
             x.new_empty(v.shape if grads and need_v else (0,)))
 
 
-@_compile.custom_op("fastgen::gaussian_nll_loss_backward", mutates_args=())
+@_compile.op("gaussian_nll_loss_backward",
+             "(Tensor go, Tensor x, Tensor t, Tensor v, SymInt A, SymInt B, SymInt C, bool full, "
+             "float eps, bool log_var, float beta, bool need_x, bool need_t, bool need_v) -> (Tensor, "
+             "Tensor, Tensor)")
 def _op_backward(go: torch.Tensor, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, A: int, B: int, C: int,
                  full: bool, eps: float, log_var: bool, beta: float, need_x: bool, need_t: bool,
                  need_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -408,7 +408,7 @@ def _impl_for(y: torch.Tensor, samples: torch.Tensor):
     return _IMPLS[name]
 
 
-@_compile.custom_op("fastgen::spread_log_likelihood_op", mutates_args=())
+@_compile.op("spread_log_likelihood_op", "(Tensor y, Tensor samples, Tensor s, int kind) -> Tensor")
 def _op_forward(y: torch.Tensor, samples: torch.Tensor, s: torch.Tensor, kind: int) -> torch.Tensor:
     """y [N, D], samples [S, D], s [1] or [D]: one dtype (float32 / float64), contiguous -> [N].
     A tensor sigma is checked here on CPU (no sync there); on GPU a sigma <= 0 gives NaN."""
@@ -422,7 +422,9 @@ def _(y, samples, s, kind):
     return y.new_empty(y.shape[:1])
 
 
-@_compile.custom_op("fastgen::spread_log_likelihood_op_backward", mutates_args=())
+@_compile.op("spread_log_likelihood_op_backward",
+             "(Tensor g, Tensor y, Tensor samples, Tensor s, Tensor out, int kind, bool ny, bool nx, "
+             "bool ns) -> (Tensor, Tensor, Tensor)")
 def _op_backward(g: torch.Tensor, y: torch.Tensor, samples: torch.Tensor, s: torch.Tensor, out: torch.Tensor,
                  kind: int, ny: bool, nx: bool, ns: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_y, grad_samples, grad_sigma); 0-element tensors where not requested."""

@@ -513,7 +513,7 @@ def _seed_of(seed: torch.Tensor) -> int:
     return int(seed) & _SEED_MASK  # a CPU int64 scalar: reading it is free
 
 
-@_compile.custom_op("fastgen::spread_noise_op", mutates_args=())
+@_compile.op("spread_noise_op", "(Tensor x, Tensor? sigma_t, float sigma_f, int kind, Tensor seed) -> Tensor")
 def _op_forward(x: torch.Tensor, sigma_t: torch.Tensor | None, sigma_f: float, kind: int,
                 seed: torch.Tensor) -> torch.Tensor:
     """x contiguous; sigma_t a view of sigma with x.dim() dims (or None: the float sigma_f);
@@ -530,7 +530,8 @@ def _(x, sigma_t, sigma_f, kind, seed):
     return x.new_empty(x.shape)
 
 
-@_compile.custom_op("fastgen::spread_noise_op_grad_sigma", mutates_args=())
+@_compile.op("spread_noise_op_grad_sigma",
+             "(Tensor grad_y, Tensor x, Tensor sigma_t, int kind, Tensor seed) -> Tensor")
 def _op_grad_sigma(grad_y: torch.Tensor, x: torch.Tensor, sigma_t: torch.Tensor, kind: int,
                    seed: torch.Tensor) -> torch.Tensor:
     """sum(eps * grad_y) over the broadcast dims of sigma_t, the noise regenerated from seed;
