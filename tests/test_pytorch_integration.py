@@ -258,6 +258,23 @@ def test_fullgraph_module_forms():
     assert torch.isfinite(lin.weight.grad).all() and lin.weight.grad.abs().sum() > 0
 
 
+def test_fullgraph_dynamic_shapes():
+    """dynamic=True: symbolic sizes flow through the wrappers into the custom ops."""
+    def f(x, t, v, y, s):
+        return (fastgen.gaussian_nll_loss(x, t, v, reduction="sum") + fastgen.spread_log_likelihood(y, x, s).sum()
+                + fastgen.gaussian_nll_loss(x, t, v, reduction="none").mean())
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n in (5, 9):
+        x = torch.randn(n, 3, dtype=F64, requires_grad=True)
+        t, v, y = torch.randn(n, 3, dtype=F64), torch.rand(n, 1, dtype=F64) + 0.2, torch.randn(4, 3, dtype=F64)
+        s = torch.full((3,), 0.7, dtype=F64, requires_grad=True)
+        got, want = cf(x, t, v, y, s), f(x, t, v, y, s)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(got, [x, s]), torch.autograd.grad(want, [x, s])):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_fullgraph_check_var():
     """Under torch.compile the negative-var check does not break the graph: on CPU it raises
     from inside the op (no sync there); check_var=False skips it."""

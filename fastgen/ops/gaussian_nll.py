@@ -115,7 +115,7 @@ def _check_args(input, target, var, full, eps, reduction, log_var, beta):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not _is_real_number(beta):
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
-    if not (beta >= 0 and math.isfinite(beta)):
+    if not (0 <= beta < math.inf):  # (no math.isfinite: dynamo with dynamic=True)
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
     return var
 

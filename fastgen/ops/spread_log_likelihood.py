@@ -365,7 +365,7 @@ def _check_sigma(sigma, D: int, device, dtype, check_values: bool = True) -> tor
         raise TypeError(f"sigma must be a float or a floating-point tensor, got {type(sigma).__name__}")
     if not isinstance(sigma, torch.Tensor):
         v = float(sigma)
-        if not (v > 0 and math.isfinite(v)):
+        if not (0 < v < math.inf):  # (no math.isfinite: dynamo with dynamic=True)
             raise ValueError(f"sigma must be finite and > 0, got {sigma!r}")
         return torch.full((1,), v, dtype=dtype, device=device)
     if sigma.dtype not in FLOAT_DTYPES:

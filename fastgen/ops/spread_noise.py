@@ -460,7 +460,7 @@ def _check_sigma(sigma, x: torch.Tensor, check_values: bool = True):
         raise TypeError(f"sigma must be a float or a floating-point tensor, got {type(sigma).__name__}")
     if not isinstance(sigma, torch.Tensor):
         s = float(sigma)
-        if not s >= 0 or math.isinf(s):
+        if not (0 <= s < math.inf):  # (no math.isinf: dynamo with dynamic=True)
             raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
         return None, s
     if sigma.dtype not in FLOAT_DTYPES:
