@@ -117,7 +117,7 @@ def train_grid(*, steps: int, kind: str, sigma_start: float, sigma_end: float, n
         opt.step()
         sched.step()
         if i % log_every == 0 or i == steps - 1:
-            log.append({"step": i, "sigma": sigma, "loss": float(loss)})
+            log.append({"step": i, "sigma": sigma, "loss": float(loss.detach())})
     train_s = time.perf_counter() - t0
     with torch.no_grad():
         smp = gen(torch.randn(2500, latent_dim, generator=torch.Generator().manual_seed(seed + 1234))).numpy()
