@@ -275,17 +275,27 @@ __attribute__((always_inline)) inline void tile_kernel(const float* __restrict q
 // chunk that is not kept has r >= the chunk's final C-th value.
 // ------------------------------------------------------------------------------------------
 struct TopC {
-  float* v;       // [rows][C]
-  int32_t* id;    // [rows][C]
-  int32_t* n;     // [rows]
+  float* v;       // [rows][rb]: sorted ascending, +inf in unused slots (sorted modes)
+  int32_t* id;    // [rows][rb]
+  int32_t* n;     // [rows]: entries (heap mode)
   float* thr;     // [rows]
   int64_t C;
-  bool sorted;    // insertion into a sorted array (C <= 64) or a max-heap
+  int64_t rb;     // row stride
+  int mode;       // kSimd (C <= 32, AVX-512, rb = 32), kSorted (C <= 64), kHeap
 };
+enum { kSimd = 0, kSorted = 1, kHeap = 2 };
 
-// insert (x, j) into the sorted array v/id[0..n), n <= C; precondition n < C or x < v[C-1]
-inline void sorted_insert(float* v, int32_t* id, int32_t& n, int64_t C, float x, int32_t j) {
-  int64_t pos = n < C ? n++ : C - 1;
+inline int topc_mode(int64_t C) {
+#if defined(__AVX512F__)
+  if (C <= 32) return kSimd;
+#endif
+  return C <= 64 ? kSorted : kHeap;
+}
+inline int64_t topc_stride(int64_t C) { return topc_mode(C) == kSimd ? 32 : C; }
+
+// insert (x, j) into the sorted array v/id[0..C) (+inf padded); precondition x < v[C-1]
+inline void sorted_insert(float* v, int32_t* id, int64_t C, float x, int32_t j) {
+  int64_t pos = C - 1;
   while (pos > 0 && v[pos - 1] > x) {  // ties: the earlier (lower) index stays first
     v[pos] = v[pos - 1];
     id[pos] = id[pos - 1];
@@ -318,31 +328,65 @@ struct TopCEpi {
       if (!mk) continue;
       for (int v = 0; v < NV; ++v) Simd::store(vals + v * W, x[r][v]);
       const int64_t row = row0 + r;
-      float* bv = R.v + row * R.C;
-      int32_t* bi = R.id + row * R.C;
-      int32_t n = R.n[row];
+      float* bv = R.v + row * R.rb;
+      int32_t* bi = R.id + row * R.rb;
+#if defined(__AVX512F__)
+      if (R.mode == kSimd) {
+        // the row's C (<= 32) best as two sorted vectors; each insertion is branch-free: lanes
+        // holding values > x shift right by one, x lands in the first of them (after equal values:
+        // x's index is larger). Lanes >= C are scratch, never stored.
+        __m512 v0 = _mm512_loadu_ps(bv), v1 = _mm512_loadu_ps(bv + 16);
+        __m512i i0 = _mm512_loadu_si512(bi), i1 = _mm512_loadu_si512(bi + 16);
+        const __m512i sh0 = _mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+        const __m512i sh1 = _mm512_setr_epi32(15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30);
+        while (mk) {
+          const int bit = __builtin_ctzll(mk);
+          mk &= mk - 1;
+          const __m512 xv = _mm512_set1_ps(vals[bit]);
+          const __m512i jv = _mm512_set1_epi32(key0 + bit);
+          const uint32_t gt = (uint32_t)_mm512_cmp_ps_mask(v0, xv, _CMP_GT_OQ) |
+                              ((uint32_t)_mm512_cmp_ps_mask(v1, xv, _CMP_GT_OQ) << 16);
+          const uint32_t pos = gt & (0u - gt);  // the first lane > x
+          const __m512 s1 = _mm512_permutex2var_ps(v0, sh1, v1);
+          const __m512i t1 = _mm512_permutex2var_epi32(i0, sh1, i1);
+          const __m512 s0 = _mm512_permutexvar_ps(sh0, v0);
+          const __m512i t0 = _mm512_permutexvar_epi32(sh0, i0);
+          v0 = _mm512_mask_mov_ps(_mm512_mask_mov_ps(v0, (__mmask16)gt, s0), (__mmask16)pos, xv);
+          v1 = _mm512_mask_mov_ps(_mm512_mask_mov_ps(v1, (__mmask16)(gt >> 16), s1), (__mmask16)(pos >> 16), xv);
+          i0 = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(i0, (__mmask16)gt, t0), (__mmask16)pos, jv);
+          i1 = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(i1, (__mmask16)(gt >> 16), t1), (__mmask16)(pos >> 16), jv);
+        }
+        const uint32_t keep = R.C >= 32 ? 0xffffffffu : ((1u << R.C) - 1u);
+        _mm512_mask_storeu_ps(bv, (__mmask16)keep, v0);
+        _mm512_mask_storeu_ps(bv + 16, (__mmask16)(keep >> 16), v1);
+        _mm512_mask_storeu_epi32(bi, (__mmask16)keep, i0);
+        _mm512_mask_storeu_epi32(bi + 16, (__mmask16)(keep >> 16), i1);
+        thr[r] = bv[R.C - 1];
+        continue;
+      }
+#endif
       float th = thr[r];
-      const float inf = std::numeric_limits<float>::infinity();
-      if (R.sorted) {
+      if (R.mode == kSorted) {
         while (mk) {
           const int bit = __builtin_ctzll(mk);
           mk &= mk - 1;
           const float xv = vals[bit];
           if (!(xv < th)) continue;
-          sorted_insert(bv, bi, n, R.C, xv, key0 + bit);
-          th = n == R.C ? bv[R.C - 1] : inf;
+          sorted_insert(bv, bi, R.C, xv, key0 + bit);
+          th = bv[R.C - 1];
         }
       } else {
+        int32_t n = R.n[row];
         while (mk) {
           const int bit = __builtin_ctzll(mk);
           mk &= mk - 1;
           const float xv = vals[bit];
           if (!(xv < th)) continue;
           heap_offer(bv, bi, n, (int)R.C, xv, key0 + bit);
-          th = n == R.C ? bv[0] : inf;
+          th = n == R.C ? bv[0] : std::numeric_limits<float>::infinity();
         }
+        R.n[row] = n;
       }
-      R.n[row] = n;
       thr[r] = th;
     }
   }
@@ -518,7 +562,7 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
   const int64_t Npad = n_qp * MR;
   const int64_t L = chain_length(D);
   const int64_t P = (D + L - 1) / L;
-  const int64_t RB = C;
+  const int64_t RB = topc_stride(C);
   const int64_t n_mu = std::min<int64_t>(M, 4096);  // keys averaged for the centre
 
   // Tasks of the fast pass: (query range of QRP panels, key chunk). Key chunks split M when there
@@ -546,7 +590,7 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
   int32_t* rn = ws.rn.ensure((size_t)(nks * Npad));
   float* thr = ws.thr.ensure((size_t)(nks * Npad));
   std::fill(mu, mu + D, 0.0);
-  const TopC res{rv, ri, rn, thr, C, C <= 64};
+  const TopC res{rv, ri, rn, thr, C, RB, topc_mode(C)};
   double b2max = 0.0, a2max = 0.0;
   int nonfinite = 0;
   bool overflow = false;
@@ -576,8 +620,13 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
     }
     for (int64_t kc = 0; kc < nks; ++kc)
       for (int r = 0; r < MR; ++r) {
-        thr[kc * Npad + p * MR + r] = std::numeric_limits<float>::infinity();
-        rn[kc * Npad + p * MR + r] = 0;
+        const int64_t row = kc * Npad + p * MR + r;
+        thr[row] = std::numeric_limits<float>::infinity();
+        rn[row] = 0;
+        for (int64_t e = 0; e < RB; ++e) {
+          rv[row * RB + e] = std::numeric_limits<float>::infinity();
+          ri[row * RB + e] = -1;
+        }
       }
   };
 
@@ -680,7 +729,9 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
         int64_t nc = 0;
         for (int64_t kc = 0; kc < nks; ++kc) {
           const int64_t row = kc * Npad + i;
-          for (int32_t s = 0; s < rn[row]; ++s) cand[nc++] = {rv[row * RB + s], ri[row * RB + s]};
+          const int64_t cnt = res.mode == kHeap ? rn[row] : C;
+          for (int64_t s = 0; s < cnt; ++s)
+            if (ri[row * RB + s] >= 0) cand[nc++] = {rv[row * RB + s], ri[row * RB + s]};
         }
         // the C smallest (value, index) pairs; Tc = the C-th smallest value. Every key that is not a
         // candidate has r >= Tc.
