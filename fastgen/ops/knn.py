@@ -8,7 +8,9 @@ then "faiss" (faiss-gpu), then "torch"):
   fp32 expansion ``||b||^2 - 2 a.b`` on register tiles, running top-C per query, exact re-rank
   in double, rigorous certificate, pruned exact rescan of uncertified queries.
 * ``"torch"``: the same algorithm in plain torch (chunked ``baddbmm`` + ``topk``, exact re-rank
-  in float64, certificate, chunked direct-difference brute force for uncertified queries);
+  in float64, certificate with the any-order bound s = D + 2, TF32 / bf16 matmul precision
+  accounted for); uncertified queries get a second candidate pass in float64 (bound ~1e-16
+  relative), and what that cannot settle (exact ties beyond C) a chunked float64 brute force;
   memory O((N + M) D + chunk), any device.
 * ``"faiss"``: faiss-cpu (``faiss.knn``) on CPU tensors, faiss-gpu (``faiss.knn_gpu`` through
   ``faiss.contrib.torch_utils``, no host copy) on CUDA tensors, made exact the same way: faiss
@@ -19,15 +21,21 @@ Why the certificate: for data far from the origin the fp32 expansion
 ``||q||^2 + ||k||^2 - 2 q.k`` cancels catastrophically (offset 1e3, clusters of std 1e-2: faiss and
 torch.cdist return the wrong neighbour for almost every query). Centring (subtracting the key
 mean, in double) removes the offset; the remaining rounding error is bounded rigorously by
-``delta = 2u B^2 + 2 (gamma_s + u) A B + (2 eps + eps^2) (A + B)^2`` (A = ||q - mu||,
-B = max ||k - mu||, u = 2^-24, gamma_s the worst-case error of an s-step fp32 dot product,
-eps = 2^-24 + 2^-52 the rounding of the centred data). Every key outside the C candidates has
-an exact distance >= ||a||^2 + T - delta (T = the C-th approximate value), so when that is
-strictly above the exact k-th distance of the candidates, the k neighbours are exact.
+``delta ~ 2u B^2 + 2 (gamma_s + u) A B + (2 eps + eps^2) (A + B)^2`` (A = ||q - mu||,
+B = max ||k - mu||, u = 2^-24, gamma_s = s u / (1 - s u) the worst-case error of an fp32 dot
+product whose terms pass through at most s roundings - s = L + D / L for the C++ kernel's chains
+of L ~ sqrt(D) FMAs, D + 2 for a BLAS of unknown order - eps = 2^-24 + 2^-52 the rounding of the
+centred data; Higham, Accuracy and Stability of Numerical Algorithms, 2002, sec. 3.1). Every key
+outside the C candidates has an exact distance >= ||a||^2 + T - delta (T = the C-th approximate
+value), so when that is strictly above the exact k-th distance of the candidates, the k
+neighbours are exact. C = k + 8 (D < 128), more for larger D (:func:`n_candidates`).
+
+float64 inputs: the fast pass runs on their fp32-rounded centred values (the rounding is part of
+eps), the re-rank and dist2 are float64: exact to double rounding, dist2 returned as float64
+(the triton backend returns fp32 dist2).
 """
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
