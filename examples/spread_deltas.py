@@ -96,18 +96,19 @@ def mlp(latent_dim: int, hidden: int, out_dim: int = 2) -> torch.nn.Module:
 
 
 def train_grid(*, steps: int, kind: str, sigma_start: float, sigma_end: float, n_samples: int, batch: int,
-               hidden: int, latent_dim: int, lr: float, seed: int, log_every: int = 100):
+               hidden: int, latent_dim: int, lr: float, seed: int, anneal: float = 1.0, log_every: int = 100):
     torch.manual_seed(seed)
     split = datasets.grid_gmm(seed=seed)
     x = torch.from_numpy(split.x_train)
     gen = mlp(latent_dim, hidden)
     opt = torch.optim.Adam(gen.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.03)
     g = torch.Generator().manual_seed(seed + 1)
     log = []
     t0 = time.perf_counter()
     for i in range(steps):
-        sigma = sigma_start * (sigma_end / sigma_start) ** (i / max(steps - 1, 1))
+        frac = min(i / max(anneal * (steps - 1), 1), 1.0)      # geometric annealing, then held at sigma_end
+        sigma = sigma_start * (sigma_end / sigma_start) ** frac
         loss_fn = fastgen.nn.SpreadDivergenceLoss(sigma, kind=kind)
         idx = torch.randint(0, len(x), (batch,), generator=g)
         z = torch.randn(n_samples, latent_dim, generator=g)
@@ -129,12 +130,13 @@ def main(argv=None) -> dict:
     p = _util.parser(NAME, __doc__.splitlines()[0])
     p.add_argument("--mc-draws", type=int, default=200_000, help="Monte-Carlo draws per two-delta KL")
     p.add_argument("--delta-steps", type=int, default=300, help="Adam steps of the delta-model fit")
-    p.add_argument("--grid-steps", type=int, default=2500, help="training steps on the 25-mode grid (0: skip)")
+    p.add_argument("--grid-steps", type=int, default=3000, help="training steps on the 25-mode grid (0: skip)")
     p.add_argument("--grid-kind", default="laplace", choices=("gaussian", "laplace"))
     p.add_argument("--grid-samples", type=int, default=2048, help="generator samples per step")
     p.add_argument("--grid-batch", type=int, default=512, help="data examples per step")
-    p.add_argument("--sigma-start", type=float, default=0.8)
+    p.add_argument("--sigma-start", type=float, default=1.0)
     p.add_argument("--sigma-end", type=float, default=0.05)
+    p.add_argument("--anneal", type=float, default=1.0, help="fraction of the steps spent annealing sigma")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -165,9 +167,10 @@ def main(argv=None) -> dict:
     if a.grid_steps > 0:
         smp, data, m, log, train_s = train_grid(steps=a.grid_steps, kind=a.grid_kind, sigma_start=a.sigma_start,
                                                 sigma_end=a.sigma_end, n_samples=a.grid_samples, batch=a.grid_batch,
-                                                hidden=a.hidden, latent_dim=8, lr=a.lr, seed=a.seed)
+                                                hidden=a.hidden, latent_dim=8, lr=a.lr, seed=a.seed,
+                                                anneal=a.anneal)
         res["grid"] = {"kind": a.grid_kind, "steps": a.grid_steps, "sigma_start": a.sigma_start,
-                       "sigma_end": a.sigma_end, "samples_per_step": a.grid_samples, "batch": a.grid_batch,
+                       "sigma_end": a.sigma_end, "anneal": a.anneal, "samples_per_step": a.grid_samples, "batch": a.grid_batch,
                        "hidden": a.hidden, "latent_dim": 8, "lr": a.lr,
                        "modes_covered": m["modes_covered"], "n_modes": m["n_modes"],
                        "high_quality_fraction": m["high_quality_fraction"], "per_mode_fraction": m["per_mode"],
