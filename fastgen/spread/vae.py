@@ -51,7 +51,7 @@ def gaussian_kl_standard(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor
 def _sigma_tensor(sigma, D: int | None = None, *, name: str = "sigma") -> torch.Tensor:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a floating-point tensor, got {type(sigma).__name__}")
-    s = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma))
+    s = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma), dtype=torch.float64)
     if not s.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {s.dtype}")
     if s.numel() == 0 or not bool(((s.detach() > 0) & torch.isfinite(s.detach())).all()):
