@@ -43,14 +43,23 @@ def test_random(k):
     assert tiers.shape == (45,)
 
 
-def test_clustered_offset_tier2_exact():
-    # std 1e-2 clusters 1e3 from the origin: TF32 alone picks wrong neighbours; tier 1 cannot
-    # certify most queries, tier 2 (fp32 direct differences) must, and all must be exact
+def test_clustered_offset_local_tier():
+    # std 1e-2 clusters 1e3 from the origin: no bound in global coordinates can certify them
+    # (tier 1); tier 2 re-centres each group of queries and must certify nearly all, exactly
     g = torch.Generator().manual_seed(1)
-    key, c = clustered(400, 32, gen=g)
-    q, _ = clustered(64, 32, centres=c, gen=g)
-    tiers = check_exact(q.to(DEV), key.to(DEV), 4)
-    assert int((tiers == 2).sum()) > 0
+    key, c = clustered(300, 32, n_clusters=3, gen=g)
+    q, _ = clustered(256, 32, centres=c, gen=g)
+    tiers = check_exact(q.to(DEV), key.to(DEV), 2)
+    assert int((tiers == 2).sum()) >= 200
+
+
+def test_clustered_offset_direct_tier():
+    # the same data without tier 2: tier 3 (fp32 direct differences) certifies them
+    g = torch.Generator().manual_seed(1)
+    key, c = clustered(300, 32, gen=g)
+    q, _ = clustered(40, 32, centres=c, gen=g)
+    tiers = check_exact(q.to(DEV), key.to(DEV), 4, _local=False)
+    assert int((tiers == 3).sum()) > 0
 
 
 def test_clustered_offset_k1_bf16_candidates():
@@ -67,19 +76,19 @@ def test_ties_and_duplicates():
     key = torch.cat([key, key[:50]])  # exact duplicates with higher indices
     q = torch.randint(0, 3, (40, 4), generator=g).float()
     tiers = check_exact(q.to(DEV), key.to(DEV), 5)
-    assert int((tiers == 3).sum()) > 0  # ties beyond C - k + 1 keys need the exact scan
+    assert int((tiers == 4).sum()) > 0  # ties beyond C - k + 1 keys need the exact scan
 
 
 def test_near_tie_below_fp32_resolution():
     # key 6 = (1 - 2^-24, y) is at squared distance 1 - 6e-16 from the origin, but fp32
     # computes exactly 1.0 for it, the same as the six copies of (1, 0) with lower indices:
-    # the fp32 direct-difference tier cannot separate them and must hand over to tier 3
+    # the fp32 direct-difference tier cannot separate them and must hand over to tier 4
     x, y = 0.9999999403953552, 0.0003452669770922512
     far = torch.rand(50, 2) + torch.tensor([3.0, 0.0])
     key = torch.cat([torch.tensor([[1.0, 0.0]] * 6), torch.tensor([[x, y]]), far]).to(DEV)
     q = torch.cat([torch.zeros(1, 2), torch.rand(5, 2) * 4]).to(DEV)
     tiers = check_exact(q, key, 1)  # C = 4 < 7 keys at fp32 distance 1.0
-    assert int(tiers[0]) == 3
+    assert int(tiers[0]) == 4
     d, i = kt.knn_triton(q[:1], key, 2)  # C = 8: all seven are candidates of tier 1
     assert i[0].tolist() == [6, 0]
 
@@ -118,10 +127,10 @@ def test_split_over_m():
 
 
 def test_forced_exact_scan():
-    # C = k leaves no margin: tiers 1 and 2 cannot certify, every query goes to tier 3
+    # C = k leaves no margin: tiers 1 to 3 cannot certify, every query goes to tier 4
     q, key = torch.randn(20, 6, device=DEV), torch.randn(260, 6, device=DEV)
     tiers = check_exact(q, key, 4, _n_candidates=4)
-    assert bool((tiers == 3).all())
+    assert bool((tiers == 4).all())
 
 
 def test_all_keys_and_fewer_keys_than_candidates():
@@ -162,7 +171,7 @@ def test_candidate_bound_is_a_lower_bound():
     cases.append((torch.randn(40, 1, generator=g) + 1e4, torch.randn(300, 1, generator=g) + 1e4))
     for q, key in cases:
         for prec in ("tf32", "bf16"):
-            cv, ci, lb, qrow, rho = kt._tier1(q[None].to(DEV), key[None].to(DEV), 8, None, prec)
+            cv, ci, lb, qrow, rho = kt._tier1(q[None].to(DEV), key[None].to(DEV), 8, None, prec, _return_parts=True)
             bound = kt._bound_from_v(cv, qrow, rho)[0].cpu()
             idx = ci[0].long().cpu()
             exact = ((q.double()[:, None, :] - key.double()[idx]) ** 2).sum(-1)
@@ -200,6 +209,33 @@ def test_float64_inputs():
     rd, ri = ref_knn(q, key, 3)
     assert torch.equal(i.cpu(), ri.cpu())
     torch.testing.assert_close(d.cpu(), rd.cpu(), rtol=1e-12, atol=0)
+
+
+def test_local_bound_is_a_lower_bound():
+    # tier 2's per-pair bound (local coordinates, AM-GM) never exceeds the exact distance, and
+    # every key outside a query's candidates is at least its lb away
+    g = torch.Generator().manual_seed(8)
+    key, c = clustered(200, 24, n_clusters=3, gen=g)
+    q, _ = clustered(192, 24, centres=c, gen=g)
+    for prec in ("tf32", "bf16"):
+        qd, kd = q[None].to(DEV), key[None].to(DEV)
+        mu = kd.mean(1)
+        flags = torch.zeros(1, 193, dtype=torch.int32, device=DEV)
+        flags[0, :192] = 1
+        ek = torch.full((1, 192), 0.05, dtype=torch.float64, device=DEV)
+        rows, cv, ci, rowterm, lb = kt._tier_local(qd, kd, mu, flags, None, None, ek, 1, 4, prec,
+                                                   _return_parts=True)
+        rows, cv, ci, rowterm, lb = rows[0].cpu(), cv[0].cpu(), ci[0].long().cpu(), rowterm[0].cpu(), lb[0].cpu()
+        valid = rows >= 0
+        assert int(valid.sum()) == 192
+        qq = q.double()[rows[valid]]
+        full = torch.cdist(qq, key.double()) ** 2  # [192, M]
+        idx = ci[valid]
+        exact = full.gather(1, idx)
+        bound = cv[valid].double() + rowterm[valid][:, None]
+        assert bool((bound <= exact).all()), prec
+        outside = torch.ones_like(full, dtype=torch.bool).scatter_(1, idx, False)
+        assert bool((full[outside].view(192, -1).min(1).values >= lb[valid]).all()), prec
 
 
 def test_registered_and_validates():

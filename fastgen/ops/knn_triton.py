@@ -1,52 +1,63 @@
 """Triton backend of :func:`fastgen.knn`: exact k nearest neighbours at tensor-core speed.
 
-Pipeline (every stage on the device; no host synchronisation apart from autotuning):
+Every stage runs on the device; there is no host synchronisation (autotuning aside): the
+later tiers run over all query blocks, and blocks without work return at once.
 
-1. **Centre and round** (``_center_kernel``). The key mean ``mu`` (per batch) is subtracted
-   from queries and keys (distances are shift-invariant; the shift removes the cancellation
-   of ``|q|^2 - 2 q.k + |k|^2`` for data far from the origin). The centred rows ``x'`` are
-   rounded to the precision of the candidate pass (TF32 for fp32 inputs, bf16 for fp16 /
-   bf16 inputs; round to nearest, relative error ``eps`` = 2^-11 or 2^-9) and written,
-   zero-padded, to ``qc [B, Np, Dp]`` / ``kc [B, Mp, Dp]`` with two fp32 squared norms per
-   row: of the rounded row ``x~`` and of the unrounded centred row ``x'``.
-2. **Tier 1: candidate pass** (``_candidates_kernel``). Tiles of query x key dot products on
-   tensor cores (``tl.dot``); never an N x M matrix in memory. Per pair one FMA forms
-   ``v_ij = |k~_j|^2 (1 - alpha) - 2 <q~_i, k~_j>``, so that
-   ``L_ij = v_ij + |q~_i|^2 (1 - alpha) <= |q~_i - k~_j|^2`` (alpha bounds the fp32
-   accumulation, worst case, and the norms: :func:`_error_coefficients`). A running top-C of
-   ``v`` per query (C = next power of two >= k + 3) is kept in registers; a key enters when
-   ``v`` is below the current C-th value. Small ``B * N`` with large M splits M across
-   programs (grid axis 1) and merges the partial top-C lists (``torch.topk``).
-3. **Exact re-rank** (``_rerank_kernel``) of the C candidates by float64 direct differences of
-   the *original* inputs, then a sort by (distance, index): ties go to the lowest index.
-4. **Certificate.** Every key outside the candidate set has ``L >= T`` (T = the C-th value).
-   Since ``|q - k| >= |q~ - k~| - rho_q - rho_k`` with ``rho_x = (eps + 2u) |x'|`` (the
-   rounding of the centred rows, in the distance domain), every excluded key has exact
-   squared distance ``>= lb = (sqrt(max(T + |q~|^2 (1 - alpha), 0)) - rho_q - max_j rho_kj)^2``.
-   If ``lb`` is strictly above the k-th exact distance, the k neighbours are exact; else the
-   query is flagged for
-5. **Tier 2** (``_scan_kernel``, TIER=2): flagged queries only, top-C over all M keys by
-   fp32 *direct differences* (no cancellation: relative error <= (D + 4) u), re-ranked in
-   float64, certified with the relative bound; what still fails (ties or near-ties at the k-th
-   position beyond C - k + 1 keys) goes to
-6. **Tier 3** (``_scan_kernel``, TIER=3): float64 direct differences, lexicographic
-   (distance, index) top-k over all M keys. Tiers 2 and 3 run over every query block, and a
-   block without a flagged query returns at once: no host sync, no compaction. They use CUDA
-   cores, so they are much slower than tier 1 per query: tier 1 certifies nearly all queries
-   of generic data (random, real features); clustered data whose neighbour gaps are below
-   TF32 resolution relative to the data's extent (e.g. std 1e-2 clusters with unit-scale
-   centres) is handled by tier 2 at fp32 CUDA-core speed, exact.
+1. **Centre and round** (``_center_kernel``). The key mean ``mu`` (per batch; in float64 for
+   float64 inputs) is subtracted from queries and keys: distances are shift-invariant, and
+   the shift removes the cancellation of ``|q|^2 - 2 q.k + |k|^2`` for data far from the
+   origin. The centred rows ``x'`` are rounded to the operand type of the candidate pass
+   (TF32 for fp32 / fp64 inputs, bf16 for fp16 / bf16 inputs; round to nearest, relative
+   error eps = 2^-11 or 2^-9) and written zero-padded to ``qc [B, Np, Dp]``, ``kc [B, Mp, Dp]``
+   with two fp32 squared norms per row: of the rounded row ``x~`` and of ``x'``.
+2. **Tier 1, candidate pass** (``_candidates_kernel``). Tiles of query x key dot products on
+   tensor cores (``tl.dot``; never an N x M matrix in memory). One FMA per pair forms
+   ``v_ij = (1 - alpha)|k~_j|^2 - 2 <q~_i, k~_j>``, so that ``L_ij = v_ij + (1 - alpha)|q~_i|^2
+   <= |q~_i - k~_j|^2`` (alpha bounds the worst-case fp32 accumulation and the norms, see
+   :func:`_error_coefficients`). A running top-C of v per query (C = next power of two >=
+   k + 3) is kept in registers; a key enters when its v is below the current C-th value, so
+   every key left out has ``v >= T``, the final C-th value. Small B * N with large M splits M
+   across programs (grid axis 1) and merges the partial lists (``torch.topk``).
+3. **Exact re-rank** (``_rerank_kernel``) of the C candidates by float64 direct differences
+   of the *original* inputs, sorted by (distance, index): ties go to the lowest index.
+4. **Certificate.** ``|q - k| >= |q~ - k~| - rho_q - rho_k`` with ``rho_x = (eps + 2u)|x'|``
+   (the rounding of the centred rows, in the distance domain), so every excluded key has
+   exact squared distance ``>= lb = (sqrt(max(T + (1 - alpha)|q~|^2, 0)) - rho_q -
+   max_j rho_kj)^2``. If lb is strictly above the k-th exact distance, the query is done.
+   This settles nearly every query of generic data (random, real features). It cannot settle
+   clustered data whose neighbour gaps are far below eps times the data's extent (e.g. std
+   1e-2 clusters around unit-scale centres): no bound in global coordinates can, whatever
+   the precision of the products, because of the worst-case fp32 accumulation. Hence:
+5. **Tier 2, local pass** (``_local_kernel``, :func:`_tier_local`). The unsettled queries are
+   grouped by nearest pivot (farthest-point pivots, P = N / 64: a Voronoi cell lies inside
+   one cluster), each group padded to blocks of 64 rows and centred on its block mean cg;
+   the kernel re-centres and rounds the keys on cg on the fly, and a per-pair bound
+   linearised by AM-GM, ``(1 - t) L_ij - 2 (1/t - 1) eps'^2 (|q'_i|^2 + |k'_j|^2)`` with every
+   norm about cg, is ranked directly. Tight blocks give errors proportional to the cluster
+   size instead of the data's extent; the candidates are re-ranked and certified as above.
+6. **Tier 3** (``_scan_kernel``, TIER=3): what is still unsettled gets a top-C over all keys
+   by fp32 *direct differences* (no cancellation: relative error <= (D + 4) u), float64
+   re-rank, relative certificate. It fails only for ties or near-ties (below fp32
+   resolution) at the k-th position beyond C - k + 1 keys, which go to
+7. **Tier 4** (``_scan_kernel``, TIER=4): float64 direct differences, lexicographic
+   (distance, index) top-k over all keys: exact by construction.
+   Tiers 3 and 4 use CUDA cores (about 2.5 instructions per pair and coordinate in SASS), so
+   they are an order of magnitude slower per query than tiers 1 and 2; their rows are sorted
+   to the front first, so the cost is proportional to the rows they handle.
 
-Output ``dist2`` is the float64 exact value rounded to float32 (accurate to fp32 rounding
-of the exact squared distance); ``index`` is int64. Memory is O((N + M) D) (the centred
-copies) plus O(N C) for candidates. Inputs with |x| above ~1e18 (squares overflow fp32) are
-outside the supported range.
+Output: ``dist2`` is the float64 exact value rounded to float32 (float64 for float64
+inputs); ``index`` is int64. Memory is O((N + M) D) (centred copies; tier 2's grouped copy of
+the unsettled queries is at most ~2x their size) plus O(N C). Inputs with |x| above ~1e18
+(squares overflow fp32) are outside the supported range.
 
-Performance knobs (autotuned on CUDA over tile sizes, warps and stages, keyed on D, C and
-coarse N, M buckets; a single small config under ``TRITON_INTERPRET=1``). Private keyword
-arguments of :func:`knn_triton`, for tests and tuning: ``_n_candidates`` (C, a power of two
->= k), ``_split`` (number of M splits), ``_precision`` ("tf32" | "bf16"), ``_tiers``
-(return the tier that finished each query).
+Tuning: tiers 1 and 2 are autotuned on CUDA over tile sizes, warps and stages (keyed on D,
+C and coarse N, M buckets; Hopper-minded 64 / 128-row tiles for warp-group MMAs, configs
+checked spill-free by ahead-of-time compilation for sm_90); a single small configuration
+runs under ``TRITON_INTERPRET=1``. Private keyword arguments of :func:`knn_triton`, for
+tests and tuning: ``_n_candidates`` (C, a power of two >= k), ``_split`` (number of M
+splits), ``_precision`` ("tf32" | "bf16": bf16 doubles tensor-core throughput for fp32
+inputs at a 4x looser bound), ``_local`` (False skips tier 2), ``_tiers`` (also return the
+tier that settled each query).
 """
 from __future__ import annotations
 
@@ -160,6 +171,27 @@ if _HAS_TRITON:
         tl.store(NU2 + b64 * Rp + rows, acc_u)
 
     @triton.jit
+    def _insert_tile(v, vals, idxs, T, m0, cols_m, cols_c, BLOCK_M: tl.constexpr):
+        """Merge the tile v [BN, BM] (keys m0 + cols_m) into the running top-C (vals, idxs) of
+        each row; T = max(vals). Entries are inserted, smallest first, while some row has one
+        below its current C-th value; every key left out has v >= the final T."""
+        tmin = tl.min(v, axis=1)
+        need = tl.max((tmin < T).to(tl.int32), axis=0)
+        while need > 0:
+            x = tl.min(v, axis=1)
+            xi = tl.min(tl.where(v == x[:, None], cols_m[None, :], BLOCK_M), axis=1)
+            ins = x < T
+            _tm, p = tl.max(vals, axis=1, return_indices=True)
+            sel = ins[:, None] & (cols_c[None, :] == p[:, None])
+            vals = tl.where(sel, x[:, None], vals)
+            idxs = tl.where(sel, (m0 + xi)[:, None], idxs)
+            v = tl.where(cols_m[None, :] == xi[:, None], float("inf"), v)
+            T = tl.max(vals, axis=1)
+            tmin = tl.min(v, axis=1)
+            need = tl.max((tmin < T).to(tl.int32), axis=0)
+        return vals, idxs, T
+
+    @triton.jit
     def _candidates_kernel(QC, KC, KCOL, OUT_V, OUT_I,
                            M, N, m_chunk, Np, Mp, S_OS, S_OB,
                            NB, MB,  # coarse size buckets: autotune key only
@@ -213,40 +245,99 @@ if _HAS_TRITON:
                     qp += BLOCK_D
                     k_ptrs += BLOCK_D
             v = kcol[None, :] - 2.0 * acc  # kcol = +inf on padded keys
-            tmin = tl.min(v, axis=1)
-            need = tl.max((tmin < T).to(tl.int32), axis=0)
-            while need > 0:  # insert the tile's smallest entries below the C-th value
-                x = tl.min(v, axis=1)
-                xi = tl.min(tl.where(v == x[:, None], cols_m[None, :], BLOCK_M), axis=1)
-                ins = x < T
-                _tm, p = tl.max(vals, axis=1, return_indices=True)
-                sel = ins[:, None] & (cols_c[None, :] == p[:, None])
-                vals = tl.where(sel, x[:, None], vals)
-                idxs = tl.where(sel, (m0 + xi)[:, None], idxs)
-                v = tl.where(cols_m[None, :] == xi[:, None], float("inf"), v)
-                T = tl.max(vals, axis=1)
-                tmin = tl.min(v, axis=1)
-                need = tl.max((tmin < T).to(tl.int32), axis=0)
+            vals, idxs, T = _insert_tile(v, vals, idxs, T, m0, cols_m, cols_c, BLOCK_M)
         o = s.to(tl.int64) * S_OS + b64 * S_OB + offs_n.to(tl.int64)[:, None] * C + cols_c[None, :]
         tl.store(OUT_V + o, vals)
         tl.store(OUT_I + o, idxs)
 
     @triton.jit
-    def _rerank_kernel(Q, K, IDX, OUT, N, D, n_blocks,
+    def _local_kernel(QL, ROWS, CG, TB, K, OUT_V, OUT_I,
+                      M, D, R, s_kb, s_km, s_kd, alpha1,
+                      NB, MB,  # autotune key only
+                      Dp: tl.constexpr, C: tl.constexpr, ROUND: tl.constexpr, DOT_PREC: tl.constexpr,
+                      CBLK: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Tier 2: running top-C of v_ij = w_j - 2 (1 - t) <ql_i, round(k_j - cg)> for the
+        grouped rows [r0, r0 + BLOCK_N) of QL (queries re-centred on their block's centre cg and
+        rounded), where w_j = (1 - t)(1 - alpha) |round(k_j - cg)|^2 - kappa_t |k_j - cg|^2 is
+        formed on the fly. Blocks whose ROWS are all -1 (padding) do nothing."""
+        pid = tl.program_id(0)
+        n_rblocks = R // BLOCK_N
+        b = pid // n_rblocks
+        rb = pid % n_rblocks
+        b64 = b.to(tl.int64)
+        r0 = rb * BLOCK_N
+        offs_r = r0 + tl.arange(0, BLOCK_N)
+        rows = tl.load(ROWS + b64 * R + offs_r)
+        if tl.max(rows, axis=0) >= 0:
+            cblk = r0 // CBLK
+            t1 = tl.load(TB + (b64 * (R // CBLK) + cblk) * 2)  # 1 - t of this block
+            kap = tl.load(TB + (b64 * (R // CBLK) + cblk) * 2 + 1)  # kappa_t = 2 (1/t - 1) eps'^2
+            cg_base = CG + (b64 * (R // CBLK) + cblk) * Dp
+            offs_d = tl.arange(0, BLOCK_D)
+            cols_m = tl.arange(0, BLOCK_M)
+            cols_c = tl.arange(0, C)
+            q_ptrs = QL + (b64 * R + offs_r.to(tl.int64)[:, None]) * Dp + offs_d[None, :]
+            k_row0 = K + b64 * s_kb
+            vals = tl.full([BLOCK_N, C], float("inf"), tl.float32)
+            idxs = tl.full([BLOCK_N, C], -1, tl.int32)
+            T = tl.full([BLOCK_N], float("inf"), tl.float32)
+            for m0 in range(0, M, BLOCK_M):
+                offs_m = m0 + cols_m
+                mm = offs_m < M
+                k_ptrs = k_row0 + offs_m.to(tl.int64)[:, None] * s_km
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                ku2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+                kr2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+                qp = q_ptrs
+                for d0 in range(0, Dp, BLOCK_D):
+                    d = d0 + offs_d
+                    dm = d < D
+                    a = tl.load(qp)
+                    km = mm[:, None] & dm[None, :]
+                    kraw = tl.load(k_ptrs + d[None, :].to(tl.int64) * s_kd, mask=km, other=0.0)
+                    cg = tl.load(cg_base + d)
+                    kl = tl.where(km, kraw.to(CG.dtype.element_ty) - cg[None, :], 0.0).to(tl.float32)
+                    ku2 += tl.sum(kl * kl, axis=1)
+                    bits = kl.to(tl.int32, bitcast=True)
+                    if ROUND == 1:
+                        kl = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+                    else:
+                        kl = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+                    kr2 += tl.sum(kl * kl, axis=1)
+                    acc = tl.dot(a, tl.trans(kl.to(QL.dtype.element_ty)), acc, input_precision=DOT_PREC,
+                                 out_dtype=tl.float32)
+                    qp += BLOCK_D
+                w = tl.where(mm, t1 * alpha1 * kr2 - kap * ku2, float("inf"))
+                v = w[None, :] - (2.0 * t1) * acc
+                vals, idxs, T = _insert_tile(v, vals, idxs, T, m0, cols_m, cols_c, BLOCK_M)
+            o = (b64 * R + offs_r.to(tl.int64)[:, None]) * C + cols_c[None, :]
+            tl.store(OUT_V + o, vals)
+            tl.store(OUT_I + o, idxs)
+
+    @triton.jit
+    def _rerank_kernel(Q, K, IDX, OUT, ROWS, N, D, n_blocks,
                        s_qb, s_qn, s_qd, s_kb, s_km, s_kd, s_ib, s_in, s_ic,
-                       C: tl.constexpr, BLOCK_N: tl.constexpr):
-        """OUT[b, n, c] = sum_d (q[b,n,d] - k[b,idx[b,n,c],d])^2 in float64 (+inf for idx < 0)."""
+                       C: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """OUT[b, n, c] = sum_d (q[b,r,d] - k[b,idx[b,n,c],d])^2 in float64 (+inf for idx < 0),
+        r = ROWS[b, n] (rows < 0 give +inf) when HAS_ROWS, else r = n."""
         pid = tl.program_id(0)
         b = pid // n_blocks
         nb = pid % n_blocks
         b64 = b.to(tl.int64)
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
+        if HAS_ROWS:
+            rows = tl.load(ROWS + b64 * N + offs_n, mask=nmask, other=-1)
+            nmask = nmask & (rows >= 0)
+            rows = tl.where(nmask, rows, 0)
+        else:
+            rows = offs_n
         cols = tl.arange(0, C)
         idx = tl.load(IDX + b64 * s_ib + offs_n.to(tl.int64)[:, None] * s_in + cols[None, :] * s_ic,
                       mask=nmask[:, None], other=-1)
-        valid = idx >= 0
-        qp = Q + b64 * s_qb + offs_n.to(tl.int64) * s_qn
+        valid = (idx >= 0) & nmask[:, None]
+        qp = Q + b64 * s_qb + rows.to(tl.int64) * s_qn
         kp = K + b64 * s_kb + tl.where(valid, idx, 0).to(tl.int64) * s_km
         acc = tl.zeros([BLOCK_N, C], dtype=tl.float64)
         for _d in range(0, D):
@@ -258,7 +349,7 @@ if _HAS_TRITON:
             kp += s_kd
         acc = tl.where(valid, acc, float("inf"))
         tl.store(OUT + (b64 * N + offs_n.to(tl.int64)[:, None]) * C + cols[None, :], acc,
-                 mask=nmask[:, None])
+                 mask=(offs_n < N)[:, None])
 
     @triton.jit
     def _direct_tile(q_rows, qmask, k_rows, kmask, s_qd, s_kd, D,
@@ -290,30 +381,34 @@ if _HAS_TRITON:
         return v
 
     @triton.jit
-    def _scan_kernel(Q, K, FLAG, OUT_D, OUT_I, N, M, D, k, n_blocks,
-                     s_qb, s_qn, s_qd, s_kb, s_km, s_kd, beta, tiny,
+    def _scan_kernel(Q, K, FLAG, OUT_D, OUT_I, PERM, N, M, D, k, n_blocks,
+                     s_qb, s_qn, s_qd, s_kb, s_km, s_kd, s_fb, s_ob, beta, tiny,
                      TIER: tl.constexpr, ACC: tl.constexpr, KP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-        """Tiers 2 and 3: brute force over all M keys by direct differences for the queries of
-        this block whose FLAG is TIER - 1; a block without one does nothing.
+        """Tiers 3 and 4: brute force over all M keys by direct differences for the queries
+        whose FLAG is TIER - 2 (1: tier 3, 2: tier 4). Block p handles the query rows
+        PERM[b, p * BLOCK_N: (p + 1) * BLOCK_N] (PERM lists the flagged rows first), and a block
+        without a flagged row does nothing.
 
-        A running lexicographic (distance, index) top-KP is kept per query. TIER 3 (ACC =
-        float64, KP >= k live slots) writes the exact top-k. TIER 2 (ACC = float32, KP = C
-        slots) re-ranks its C candidates in float64, writes the top-k, and sets FLAG to 0 when
-        the relative bound certifies them (excluded keys: exact >= T (1 - beta) - tiny), else
-        to 2."""
+        A running lexicographic (distance, index) top-KP is kept per query. TIER 4 (ACC =
+        float64, KP >= k live slots) writes the exact top-k. TIER 3 (ACC = float32, or float64
+        for float64 inputs, KP = C slots) re-ranks its C candidates in float64, writes the top-k,
+        and sets FLAG to 0 when the relative bound certifies them (excluded keys: exact >=
+        T (1 - beta) - tiny), else to 2."""
         pid = tl.program_id(0)
         b = pid // n_blocks
         nb = pid % n_blocks
         b64 = b.to(tl.int64)
-        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = offs_n < N
-        flags = tl.load(FLAG + b64 * N + offs_n, mask=nmask, other=0)
-        active = nmask & (flags == TIER - 1)
+        offs_p = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        pmask = offs_p < N
+        offs_n = tl.load(PERM + b64 * N + offs_p, mask=pmask, other=0)
+        nmask = pmask
+        flags = tl.load(FLAG + b64 * s_fb + offs_n, mask=nmask, other=0)
+        active = nmask & (flags == TIER - 2)
         if tl.max(active.to(tl.int32), axis=0) > 0:
             cols = tl.arange(0, KP)
             cols_m = tl.arange(0, BLOCK_M)
-            if TIER == 3:
+            if TIER == 4:
                 live = cols[None, :] < k  # slots >= k are unused
             else:
                 live = cols[None, :] >= 0
@@ -349,7 +444,7 @@ if _HAS_TRITON:
                     better = (v < T[:, None]) | ((v == T[:, None]) & (offs_m[None, :] < iT[:, None]))
                     better = better & (v < float("inf"))
                     need = tl.max(tl.max(better.to(tl.int32), axis=1), axis=0)
-            if TIER == 2:
+            if TIER == 3:
                 # exact float64 re-rank of the KP candidates (sentinel slots -> +inf)
                 valid = idxs < M
                 krow = tl.where(valid, idxs, 0).to(tl.int64)
@@ -368,7 +463,7 @@ if _HAS_TRITON:
             else:
                 ex = vals.to(tl.float64)
             # emit k results in (distance, index) order
-            o_base = (b64 * N + offs_n.to(tl.int64)) * k
+            o_base = b64 * s_ob + offs_n.to(tl.int64) * k
             big = M + KP
             alive = tl.broadcast_to(live, [BLOCK_N, KP])
             ek = tl.zeros([BLOCK_N], dtype=tl.float64)
@@ -380,10 +475,10 @@ if _HAS_TRITON:
                 tl.store(OUT_I + o_base + c, ix.to(tl.int64), mask=active)
                 alive = alive & ~(atx & (idxs == ix[:, None]))
                 ek = x
-            if TIER == 2:
+            if TIER == 3:
                 lb = t_c * (1.0 - beta) - tiny
                 ok = lb > ek * (1.0 + (D + 8) * 2.220446049250313e-16)
-                tl.store(FLAG + b64 * N + offs_n, tl.where(ok, 0, 2).to(tl.int32), mask=active)
+                tl.store(FLAG + b64 * s_fb + offs_n, tl.where(ok, 0, 2).to(tl.int32), mask=active)
 
 
 # ----------------------------------------------------------------------------------------
@@ -418,13 +513,36 @@ def _cand_configs(Dp: int, C: int, elt_bytes: int) -> list:
 
 
 def _interp_config(Dp: int, C: int) -> dict:
+    """The single configuration used under TRITON_INTERPRET=1 (large blocks: fewer programs)."""
     bd = Dp if Dp <= 64 else 64
-    return dict(BLOCK_N=32 if C <= 32 else 16, BLOCK_M=32, BLOCK_D=bd, Q_RESIDENT=(bd >= Dp))
+    return dict(BLOCK_N=64 if C <= 32 else 16, BLOCK_M=64, BLOCK_D=bd, Q_RESIDENT=(bd >= Dp))
 
 
 @functools.lru_cache(maxsize=None)
 def _cand_tuner(Dp: int, C: int, elt_bytes: int):
     return triton.autotune(configs=_cand_configs(Dp, C, elt_bytes), key=["NB", "MB"])(_candidates_kernel)
+
+
+_LOCAL_BLOCK = 64  # rows of QL sharing one centre (a multiple of every local BLOCK_N)
+
+
+def _local_configs(Dp: int, C: int, elt_bytes: int) -> list:
+    """Autotune space of the tier-2 local pass: keys are re-centred and rounded in registers
+    (no spills at these sizes on sm_90); BLOCK_N divides _LOCAL_BLOCK."""
+    out = []
+    plan = [(64, 64, 4, 32, 2), (64, 64, 4, 32, 3), (64, 128, 8, 32, 2), (64, 128, 8, 32, 3),
+            (64, 64, 8, 64, 2), (32, 64, 4, 32, 2)]
+    for bn, bm, w, bd, st in plan:
+        bd = min(bd * 4 // elt_bytes, Dp)
+        if (C > 32 and bn > 32) or Dp % bd:
+            continue
+        out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd), num_warps=w, num_stages=st))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _local_tuner(Dp: int, C: int, elt_bytes: int):
+    return triton.autotune(configs=_local_configs(Dp, C, elt_bytes), key=["NB", "MB"])(_local_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -475,43 +593,77 @@ def _center(x: torch.Tensor, mu: torch.Tensor, Rp: int, Dp: int, precision: str,
 def _rerank_config(C: int, interp: bool) -> dict:
     """Block size of the re-rank kernel ([BLOCK_N, C] float64 accumulators)."""
     if interp:
-        return dict(BLOCK_N=max(1, min(32, 512 // C)), num_warps=4)
+        return dict(BLOCK_N=max(1, min(128, 1024 // C)), num_warps=4)
     return dict(BLOCK_N=max(1, min(64, 1024 // C)), num_warps=4)
 
 
 def _scan_config(tier: int, kp: int, interp: bool) -> dict:
     """Block sizes of the tier-2 / tier-3 scans ([BLOCK_N, BLOCK_M] accumulators, KP slots)."""
     if interp:
-        return dict(BLOCK_N=16 if tier == 3 else 32, BLOCK_M=64, num_warps=4)
-    if tier == 2:
+        return dict(BLOCK_N=32 if tier == 3 else 16, BLOCK_M=64, num_warps=4)
+    if tier == 3:
         return dict(BLOCK_N=max(8, min(64, 1024 // kp)), BLOCK_M=64, num_warps=4)
     return dict(BLOCK_N=max(8, min(32, 512 // kp)), BLOCK_M=64, num_warps=4)
 
 
 def _scan(tier, query, key, flags, d_out, i_out, k, C, interp):
+    """Launch tier 3 (fp32 direct differences) or 4 (fp64 exact) over the rows flagged
+    tier - 2, gathered first by a stable sort (no host sync)."""
     B, N, D = query.shape
     M = key.shape[1]
     fp64_in = query.dtype == torch.float64 or key.dtype == torch.float64
-    if tier == 2 and not fp64_in:
+    if tier == 3 and not fp64_in:
         acc, kp, beta, tiny = tl.float32, C, _direct_beta(D), D * 2.0 ** -148
-    elif tier == 2:  # float64 inputs: the direct differences must be taken in float64
+    elif tier == 3:  # float64 inputs: the direct differences must be taken in float64
         acc, kp, beta, tiny = tl.float64, C, 1.25 * (D + 4) * _U64, D * 2.0 ** -1073
     else:
         acc, kp, beta, tiny = tl.float64, _next_pow2(k), 0.0, 0.0
+    perm = torch.sort((flags[:, :N] != tier - 2).to(torch.int8), dim=1, stable=True).indices
     cfg = _scan_config(tier, kp, interp)
     nb = _cdiv(N, cfg["BLOCK_N"])
-    _scan_kernel[(B * nb,)](query, key, flags, d_out, i_out, N, M, D, k, nb,
+    _scan_kernel[(B * nb,)](query, key, flags, d_out, i_out, perm, N, M, D, k, nb,
                             query.stride(0), query.stride(1), query.stride(2),
                             key.stride(0), key.stride(1), key.stride(2),
+                            flags.stride(0), d_out.stride(0),
                             beta, tiny, TIER=tier, ACC=acc, KP=kp, **cfg)
 
 
-def _tier1(query, key, C, split, precision):
+def _rerank(query, key, cand, rows=None):
+    """Exact float64 squared distances [B, R, C] of the candidates cand [B, R, C] (int32, -1:
+    none) of query rows ``rows`` [B, R] (default: 0..N-1), then their (distance, index) order:
+    returns (sorted distances, sorted int64 indices)."""
+    B, R, C = cand.shape
+    D = query.shape[2]
+    cand = cand.contiguous()
+    exact = torch.empty((B, R, C), dtype=torch.float64, device=query.device)
+    rcfg = _rerank_config(C, _interpret())
+    nrb = _cdiv(R, rcfg["BLOCK_N"])
+    _rerank_kernel[(B * nrb,)](query, key, cand, exact, rows if rows is not None else cand, R, D, nrb,
+                               query.stride(0), query.stride(1), query.stride(2),
+                               key.stride(0), key.stride(1), key.stride(2),
+                               cand.stride(0), cand.stride(1), cand.stride(2),
+                               C=C, HAS_ROWS=rows is not None, **rcfg)
+    si, p1 = torch.sort(cand.long(), dim=-1)
+    ex, p2 = torch.sort(exact.gather(-1, p1), dim=-1, stable=True)
+    return ex, si.gather(-1, p2)
+
+
+def _round_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """Round fp32 x to the TF32 / bf16 grid exactly as _center_kernel does (fp32 container)."""
+    bits = x.contiguous().view(torch.int32)
+    if precision == "tf32":
+        r = (bits + 0x1000) & -8192
+    else:
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return r.view(torch.float32)
+
+
+def _tier1(query, key, C, split, precision, _return_parts=False):
     """Tier 1 (module docstring, steps 1-2). Returns cv [B, N, C] fp32 candidate values v,
     ci [B, N, C] int32 candidate indices (-1: none), lb [B, N] float64, a lower bound of the
-    exact squared distance of every key outside the candidate set, and the per-query qrow,
-    rho [B, N] float64 such that ``_bound_from_v(v, qrow, rho)`` bounds each candidate's
-    exact squared distance from below."""
+    exact squared distance of every key outside the candidate set, and the key mean mu
+    [B, D]; with ``_return_parts`` (tests) qrow, rho [B, N] float64 instead of mu, such that
+    ``_bound_from_v(v, qrow, rho)`` bounds each candidate's exact squared distance from below."""
     B, N, D = query.shape
     M = key.shape[1]
     device = query.device
@@ -568,7 +720,9 @@ def _tier1(query, key, C, split, precision):
                                      + ku2[:, :M].double().amax(dim=1, keepdim=True).sqrt()) + 2.0 ** -100
     qrow = qr2[:, :N].double() * (1.0 - alpha)
     lb = _bound_from_v(t_c, qrow, rho)
-    return cv, ci, lb, qrow, rho
+    if _return_parts:
+        return cv, ci, lb, qrow, rho
+    return cv, ci, lb, mu
 
 
 def _bound_from_v(v, qrow, rho):
@@ -579,9 +733,135 @@ def _bound_from_v(v, qrow, rho):
     return ((big_l.sqrt() * (1 - 1e-14) - rho).clamp_min(0.0)) ** 2 * (1 - 1e-14)
 
 
+def _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, _return_parts=False):
+    """Tier 2 (module docstring): re-search the queries flagged 1 with local coordinates.
+
+    Flagged queries are grouped by their nearest pivot (P = N / 32 evenly spaced queries; a
+    Voronoi cell lies in one cluster of clustered data), each group padded to whole blocks of
+    _LOCAL_BLOCK rows, and every block is centred on the mean cg of its queries; the kernel
+    re-centres the keys on cg on the fly. With t in (0, 1) per block, the exact squared
+    distance of query i and key j is at least
+
+        (1 - t) [ (1 - alpha)(|q~_i|^2 + |k~_j|^2) - 2 <q~_i, k~_j> ] - 2 (1/t - 1) eps'^2 (|q'_i|^2 + |k'_j|^2)
+
+    (AM-GM on the distance-domain bound of tier 1: (a - b)^2 >= (1 - t) a^2 - (1/t - 1) b^2),
+    with every norm taken about cg: small when the block is tight, whatever the data's
+    extent. Certified queries get their results and flag 0; the others keep flag 1."""
+    B, N, D = query.shape
+    M = key.shape[1]
+    device = query.device
+    interp = _interpret()
+    cd = torch.float64 if query.dtype == torch.float64 else torch.float32
+    CB = _LOCAL_BLOCK
+    Dp = _pad_d(D)
+    active = flags[:, :N] == 1
+
+    # --- group the flagged queries by nearest pivot (any grouping is correct; tight is fast).
+    # Pivots by farthest-point doubling: each round adds the X flagged queries farthest from
+    # the pivots so far (X = 1, 1, 2, 4, ...), so well-separated clusters all get one early.
+    P = max(1, min(4096, N // CB))  # groups average >= CB rows: padding at most ~2x
+    qg = (query.to(cd) - mu.to(cd)[:, None, :]).to(torch.float32)
+    qn = (qg * qg).sum(-1)
+    mind = torch.where(active, qn, -1.0)  # round 0: the flagged query farthest from the mean
+    lab = torch.zeros((B, N), dtype=torch.int64, device=device)
+    have, X = 0, 1
+    while have < P:
+        new = torch.topk(mind, X, dim=1).indices  # [B, X]
+        piv = qg.gather(1, new[..., None].expand(B, X, D))
+        pn = (piv * piv).sum(-1)[:, None, :]
+        dmin = torch.empty((B, N), dtype=torch.float32, device=device)
+        arg = torch.empty((B, N), dtype=torch.int64, device=device)
+        step = max(1, (1 << 25) // (X * B))
+        for s0 in range(0, N, step):  # [B, step, X] squared distances, approximate (any is fine)
+            d2 = torch.baddbmm(pn + qn[:, s0:s0 + step, None], qg[:, s0:s0 + step], piv.transpose(1, 2),
+                               alpha=-2.0)
+            dmin[:, s0:s0 + step], arg[:, s0:s0 + step] = d2.min(-1)
+        if have == 0:
+            better = torch.ones_like(active)
+        else:
+            better = dmin < mind
+        lab = torch.where(better, arg + have, lab)
+        mind = torch.where(active, torch.where(better, dmin, mind), -1.0)
+        have += X
+        X = min(max(1, have), P - have)
+    del qg, qn, mind
+    lab = torch.where(active, lab, P)
+    cnt = torch.zeros((B, P + 1), dtype=torch.int64, device=device).scatter_add_(1, lab, torch.ones_like(lab))
+    padded = (cnt + CB - 1) // CB * CB
+    padded[:, P] = 0
+    goff = torch.cumsum(padded, 1) - padded
+    start = torch.cumsum(cnt, 1) - cnt
+    slab, order = torch.sort(lab, dim=1, stable=True)
+    dest = goff.gather(1, slab) + torch.arange(N, device=device)[None] - start.gather(1, slab)
+    R = _cdiv(N + P * CB, _PAD_ROWS) * _PAD_ROWS  # static bound of the padded layout
+    dest = torch.where(slab < P, dest, R)
+    rows = torch.full((B, R + 1), -1, dtype=torch.int64, device=device).scatter_(1, dest, order)[:, :R]
+    valid = rows >= 0
+    rsafe = rows.clamp_min(0)
+
+    # --- block centres, local query coordinates, per-block t
+    nblk = R // CB
+    qsel = query.gather(1, rsafe[..., None].expand(B, R, D)).to(cd)
+    w = valid.to(cd)[..., None]
+    cg = (qsel * w).view(B, nblk, CB, D).sum(2) / w.view(B, nblk, CB, 1).sum(2).clamp_min(1.0)
+    ql = ((qsel - cg.repeat_interleave(CB, dim=1)) * w).to(torch.float32)
+    del qsel
+    qu2 = (ql * ql).sum(-1)
+    qlr = _round_operand(ql, precision)
+    qr2 = (qlr * qlr).sum(-1)
+    buf_dtype = torch.bfloat16 if (precision == "bf16" and not interp) else torch.float32
+    QL = torch.zeros((B, R, Dp), dtype=buf_dtype, device=device)
+    QL[..., :D] = qlr
+    del ql, qlr
+    CG = torch.zeros((B, nblk, Dp), dtype=cd, device=device)
+    CG[..., :D] = cg
+    alpha = _error_coefficients(Dp)
+    epsp = (_EPS_OP[precision] + 2 * _U32) * 1.01
+    delta = ek.gather(1, rsafe).clamp_min(0.0).sqrt()  # tier-1 estimate of the k-th distance
+    reach = torch.where(valid, qu2.double().sqrt() + delta, 0.0).view(B, nblk, CB).amax(-1)
+    dmin = torch.where(valid, delta, float("inf")).view(B, nblk, CB).amin(-1)
+    t = (2.0 * epsp * reach / dmin).nan_to_num(0.5, 0.5, 0.5).clamp(2.0 ** -20, 0.5)
+    TB = torch.stack([1.0 - t, 2.0 * (1.0 / t - 1.0) * epsp * epsp], -1).to(torch.float32).contiguous()
+
+    # --- candidate pass in local coordinates
+    cand_v = torch.full((B, R, C), float("inf"), dtype=torch.float32, device=device)
+    cand_i = torch.full((B, R, C), -1, dtype=torch.int32, device=device)
+    rows32 = rows.to(torch.int32).contiguous()
+    nb_key = max(0, (N - 1).bit_length() // 2)
+    mb_key = max(0, (M - 1).bit_length() // 2)
+    args = (QL, rows32, CG, TB, key, cand_v, cand_i, M, D, R)
+    rest = (key.stride(0), key.stride(1), key.stride(2), 1.0 - alpha, nb_key, mb_key)
+    meta = dict(Dp=Dp, C=C, ROUND=_ROUND_MODE[precision], DOT_PREC="tf32", CBLK=CB)
+    if interp:
+        bn = 64 if C <= 32 else 16
+        _local_kernel[(B * (R // bn),)](*args, *rest, **meta, BLOCK_N=bn, BLOCK_M=64, BLOCK_D=min(Dp, 64),
+                                        num_warps=4)
+    else:
+        def grid(m):
+            return (B * (R // m["BLOCK_N"]),)
+
+        _local_tuner(Dp, C, QL.element_size())[grid](*args, *rest, **meta)
+
+    # --- bound of the excluded keys, exact re-rank, certificate, scatter back
+    t1 = TB[..., 0].double().repeat_interleave(CB, dim=1)
+    kap = TB[..., 1].double().repeat_interleave(CB, dim=1)
+    rowterm = t1 * (1.0 - alpha) * qr2.double() - kap * qu2.double()
+    lb = cand_v.max(-1).values.double() + rowterm
+    if _return_parts:  # tests: every candidate's cand_v + rowterm bounds its exact distance
+        return rows, cand_v, cand_i, rowterm, lb
+    ex, si = _rerank(query, key, cand_i, rows32)
+    ok = valid & (lb > ex[..., k - 1] * (1.0 + (D + 8) * 2 * _U64))
+    target = torch.where(ok, rows, N)
+    d_out.scatter_(1, target[..., None].expand(B, R, k), ex[..., :k])
+    i_out.scatter_(1, target[..., None].expand(B, R, k), si[..., :k])
+    flags.scatter_(1, target, torch.zeros_like(target, dtype=torch.int32))
+    flags[:, N] = 0
+
+
 @_dispatch.register("knn", "triton")
 def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candidates: int | None = None,
-               _split: int | None = None, _precision: str | None = None, _tiers: bool = False):
+               _split: int | None = None, _precision: str | None = None, _tiers: bool = False,
+               _local: bool = True):
     """Exact k nearest neighbours with Triton kernels (see the module docstring).
 
     query [B, N, D] (or [N, D]), key [B, M, D] (or [M, D]) with the same B and D; float32 /
@@ -621,36 +901,36 @@ def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candida
     interp = _interpret()
 
     # 1-2. tier 1: centring, tensor-core candidate pass, bound of the excluded keys
-    cv, ci, lb, _qrow, _rho = _tier1(query, key, C, _split, precision)
+    cv, ci, lb, mu = _tier1(query, key, C, _split, precision)
 
-    # 3. exact re-rank of the candidates (float64 direct differences of the original inputs)
-    exact = torch.empty((B, N, C), dtype=torch.float64, device=device)
-    rcfg = _rerank_config(C, interp)
-    nrb = _cdiv(N, rcfg["BLOCK_N"])
-    _rerank_kernel[(B * nrb,)](query, key, ci, exact, N, D, nrb,
-                               query.stride(0), query.stride(1), query.stride(2),
-                               key.stride(0), key.stride(1), key.stride(2),
-                               ci.stride(0), ci.stride(1), ci.stride(2),
-                               C=C, **rcfg)
-    # sort by (exact distance, index): ties -> lowest index
-    si, p1 = torch.sort(ci.long(), dim=-1)
-    ex, p2 = torch.sort(exact.gather(-1, p1), dim=-1, stable=True)
-    si = si.gather(-1, p2)
-    d_out = ex[..., :k].contiguous()
-    i_out = si[..., :k].contiguous()
+    # 3. exact re-rank of the candidates, sorted by (distance, index): ties -> lowest index
+    ex, si = _rerank(query, key, ci)
+    ek = ex[..., k - 1]
+    # result buffers with one spare row (index N) that absorbs scatters of unused rows
+    d_out = torch.empty((B, N + 1, k), dtype=torch.float64, device=device)
+    i_out = torch.empty((B, N + 1, k), dtype=torch.int64, device=device)
+    flags = torch.zeros((B, N + 1), dtype=torch.int32, device=device)
+    d_out[:, :N] = ex[..., :k]
+    i_out[:, :N] = si[..., :k]
 
-    # 4. certificate, then tiers 2 and 3 for the queries it cannot certify
-    certified = lb > d_out[..., k - 1] * (1.0 + (D + 8) * 2 * _U64)
-    flags = (~certified).to(torch.int32).contiguous()
-    flags1 = flags.clone() if _tiers else None
-    _scan(2, query, key, flags, d_out, i_out, k, C, interp)
+    # 4. certificate; the queries it cannot settle go to tiers 2, 3, 4
+    flags[:, :N] = ~(lb > ek * (1.0 + (D + 8) * 2 * _U64))
+    tier = torch.where(flags[:, :N] == 0, 1, 4).to(torch.int32) if _tiers else None
+    if _local:
+        _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision)
+        if _tiers:
+            tier = torch.where((tier == 4) & (flags[:, :N] == 0), 2, tier)
     _scan(3, query, key, flags, d_out, i_out, k, C, interp)
+    if _tiers:
+        tier = torch.where((tier == 4) & (flags[:, :N] == 0), 3, tier)
+    _scan(4, query, key, flags, d_out, i_out, k, C, interp)
+    d_out, i_out = d_out[:, :N], i_out[:, :N]
 
     # float64 inputs get the float64 exact distances (the fastgen.knn contract), else fp32
     dist2 = d_out if query.dtype == torch.float64 else d_out.to(torch.float32)
     out = [dist2, i_out]
     if _tiers:
-        out.append((1 + flags1 + (flags == 2).to(torch.int32)).to(torch.int32))
+        out.append(tier)
     if squeeze:
         out = [t[0] for t in out]
     return tuple(out)
