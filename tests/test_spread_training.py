@@ -265,3 +265,21 @@ def test_learned_spread_reproducible():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="dim"):
         sp.divergence(torch.randn(4, 2), torch.randn(4, 2))
+
+
+# ----------------------------------------------------------------------------- training loops
+@pytest.mark.parametrize("method", ["spread", "spread-vae"])
+def test_training_loops_reproducible_and_decreasing(method):
+    from fastgen.spread.train import SpreadConfig, train_spread, train_spread_vae
+
+    fn = train_spread if method == "spread" else train_spread_vae
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0)) * 0.3 + 2.0
+    cfg = SpreadConfig(epochs=20, hidden=(32, 32), batch_size=128, n_samples=256, sigma_start=0.5, sigma_end=0.2,
+                       latent_dim=2)
+    r1 = fn(x, cfg, progress=False)
+    r2 = fn(x, cfg, progress=False)
+    assert r1.loss == r2.loss and torch.equal(r1.sample(16, seed=3), r2.sample(16, seed=3))
+    assert r1.loss[-1] < r1.loss[0] and len(r1.loss) == 20 and r1.sigma[-1] == pytest.approx(0.2, rel=1e-6)
+    assert r1.sample(16).shape == (16, 2)
+    with pytest.raises(ValueError, match="sigma"):
+        fn(x, SpreadConfig(sigma_start=0.0), progress=False)
