@@ -29,8 +29,8 @@ later tiers run over all query blocks, and blocks without work return at once.
    1e-2 clusters around unit-scale centres): no bound in global coordinates can, whatever
    the precision of the products, because of the worst-case fp32 accumulation. Hence:
 5. **Tier 2, local pass** (``_local_kernel``, :func:`_tier_local`). The unsettled queries are
-   grouped by nearest pivot (farthest-point pivots, P = N / 64: a Voronoi cell lies inside
-   one cluster), each group padded to blocks of 64 rows and centred on its block mean cg;
+   grouped by nearest pivot (P = N / 64 pivots drawn by D^2 sampling, as in k-means||
+   seeding: a Voronoi cell lies inside one cluster), each group padded to blocks of 64 rows and centred on its block mean cg;
    the kernel re-centres and rounds the keys on cg on the fly, and a per-pair bound
    linearised by AM-GM, ``(1 - t) L_ij - 2 (1/t - 1) eps'^2 (|q'_i|^2 + |k'_j|^2)`` with every
    norm about cg, is ranked directly. Tight blocks give errors proportional to the cluster
@@ -757,16 +757,21 @@ def _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, _retur
     active = flags[:, :N] == 1
 
     # --- group the flagged queries by nearest pivot (any grouping is correct; tight is fast).
-    # Pivots by farthest-point doubling: each round adds the X flagged queries farthest from
-    # the pivots so far (X = 1, 1, 2, 4, ...), so well-separated clusters all get one early.
+    # Pivots by D^2 sampling in rounds (k-means|| seeding): each round draws X more flagged
+    # queries with probability proportional to their squared distance to the pivots so far,
+    # so every well-separated cluster soon gets one; X doubles up to P / 16.
     P = max(1, min(4096, N // CB))  # groups average >= CB rows: padding at most ~2x
     qg = (query.to(cd) - mu.to(cd)[:, None, :]).to(torch.float32)
     qn = (qg * qg).sum(-1)
-    mind = torch.where(active, qn, -1.0)  # round 0: the flagged query farthest from the mean
+    mind = torch.where(active, qn, 0.0)
     lab = torch.zeros((B, N), dtype=torch.int64, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
     have, X = 0, 1
     while have < P:
-        new = torch.topk(mind, X, dim=1).indices  # [B, X]
+        if have == 0 or N > 2 ** 24:  # the flagged query(s) farthest from the pivots
+            new = torch.topk(mind, X, dim=1).indices
+        else:
+            new = torch.multinomial(mind.clamp_min(0.0) + 1e-30, X, replacement=False, generator=gen)
         piv = qg.gather(1, new[..., None].expand(B, X, D))
         pn = (piv * piv).sum(-1)[:, None, :]
         dmin = torch.empty((B, N), dtype=torch.float32, device=device)
@@ -781,9 +786,9 @@ def _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, _retur
         else:
             better = dmin < mind
         lab = torch.where(better, arg + have, lab)
-        mind = torch.where(active, torch.where(better, dmin, mind), -1.0)
+        mind = torch.where(active, torch.where(better, dmin, mind), 0.0)
         have += X
-        X = min(max(1, have), P - have)
+        X = min(have, P - have, max(16, P // 16))
     del qg, qn, mind
     lab = torch.where(active, lab, P)
     cnt = torch.zeros((B, P + 1), dtype=torch.int64, device=device).scatter_add_(1, lab, torch.ones_like(lab))
