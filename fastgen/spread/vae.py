@@ -61,6 +61,16 @@ def _sigma_tensor(sigma, D: int | None = None, *, name: str = "sigma") -> torch.
     return s.reshape(()) if s.numel() == 1 else s.reshape(-1)
 
 
+def _loss_terms(r: torch.Tensor, yy: torch.Tensor, mu, logvar, s: torch.Tensor):
+    """Per-example (loss, nll, kl) for flattened r, yy [N, D] and a validated sigma (0-d or [D]);
+    no host synchronisation."""
+    N, D = r.shape
+    log_var = (2 * torch.log(s)).reshape(1, 1).expand(N, 1) if s.dim() == 0 else (2 * torch.log(s)).expand(N, D)
+    nll = gaussian_nll_loss(r, yy, log_var, full=True, log_var=True, reduction="none").sum(1)
+    kl = gaussian_kl_standard(mu, logvar)
+    return nll + kl, nll, kl
+
+
 def spread_vae_loss(recon: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, sigma, *,
                     reduction: str = "mean"):
     """Negative ELBO of the spread VAE, in nats: ``(loss, nll, kl)``.
@@ -89,10 +99,7 @@ def spread_vae_loss(recon: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, logv
     if mu.shape[0] != N:
         raise ValueError(f"mu must have N = {N} rows, got {tuple(mu.shape)}")
     s = _sigma_tensor(sigma, D).to(device=r.device, dtype=r.dtype)
-    log_var = (2 * torch.log(s)).reshape(1, 1).expand(N, 1) if s.dim() == 0 else (2 * torch.log(s)).expand(N, D)
-    nll = gaussian_nll_loss(r, yy, log_var, full=True, log_var=True, reduction="none").sum(1)
-    kl = gaussian_kl_standard(mu, logvar)
-    loss = nll + kl
+    loss, nll, kl = _loss_terms(r, yy, mu, logvar, s)
     if reduction == "none":
         return loss, nll, kl
     red = torch.sum if reduction == "sum" else torch.mean
@@ -168,7 +175,9 @@ class SpreadVAE(torch.nn.Module):
         recon = self.generator(z)
         if recon.shape != y.shape:
             recon = recon.reshape(y.shape)
-        loss, nll, kl = spread_vae_loss(recon, y, mu, logvar, self.sigma.to(y.device), reduction="none")
+        N = y.shape[0]
+        s = self.sigma.to(device=y.device, dtype=y.dtype)
+        loss, nll, kl = _loss_terms(recon.reshape(N, -1), y.reshape(N, -1), mu, logvar, s.reshape(-1) if s.dim() else s)
         return loss, nll, kl, recon
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> SpreadVAEOutput:
