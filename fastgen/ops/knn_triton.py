@@ -597,11 +597,12 @@ def _rerank_config(C: int, interp: bool) -> dict:
     return dict(BLOCK_N=max(1, min(64, 1024 // C)), num_warps=4)
 
 
-def _scan_config(tier: int, kp: int, interp: bool) -> dict:
-    """Block sizes of the tier-2 / tier-3 scans ([BLOCK_N, BLOCK_M] accumulators, KP slots)."""
+def _scan_config(tier: int, kp: int, interp: bool, fp64: bool = False) -> dict:
+    """Block sizes of the tier-3 / tier-4 scans ([BLOCK_N, BLOCK_M] accumulators, KP slots;
+    float64 accumulators take half the rows)."""
     if interp:
         return dict(BLOCK_N=32 if tier == 3 else 16, BLOCK_M=64, num_warps=4)
-    if tier == 3:
+    if tier == 3 and not fp64:
         return dict(BLOCK_N=max(8, min(64, 1024 // kp)), BLOCK_M=64, num_warps=4)
     return dict(BLOCK_N=max(8, min(32, 512 // kp)), BLOCK_M=64, num_warps=4)
 
@@ -619,7 +620,7 @@ def _scan(tier, query, key, flags, d_out, i_out, k, C, interp):
     else:
         acc, kp, beta, tiny = tl.float64, _next_pow2(k), 0.0, 0.0
     perm = torch.sort((flags[:, :N] != tier - 2).to(torch.int8), dim=1, stable=True).indices
-    cfg = _scan_config(tier, kp, interp)
+    cfg = _scan_config(tier, kp, interp, acc == tl.float64)
     nb = _cdiv(N, cfg["BLOCK_N"])
     _scan_kernel[(B * nb,)](query, key, flags, d_out, i_out, perm, N, M, D, k, nb,
                             query.stride(0), query.stride(1), query.stride(2),
