@@ -20,6 +20,10 @@ B. "sigma-VAE, floor": sigma = sqrt(MSE) computed analytically
 C. "sigma-VAE, spread data": the same analytic sigma (floor far away, -6) on spread data
    y = x + N(0, s^2 I), fresh noise every step (seed 001): the noise cannot be reconstructed, so
    the optimal sigma stays near the spread level and -ELBO stays bounded without any floor.
+D. "spread VAE" (seed 001's route, fastgen.spread.SpreadVAE): the same networks as a spread
+   VAE, decoder N(y; g(z), s^2 I) with s the spread, fixed: a well-defined objective for the
+   deterministic generator g. Its samples g(z), z ~ N(0, I) are judged by their RMS distance
+   to the curve and the fraction of 64 equal arcs of the curve they reach (for every run).
 
 "End" values in the JSON are medians over the last 5 % of the steps (the one-sample ELBO is
 noisy); slopes are least-squares fits over the last quarter, per 1000 steps.
@@ -40,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _util  # noqa: E402
 
 import fastgen  # noqa: E402
-from fastgen.spread import gaussian_kl_standard, nll_lower_bound, optimal_log_sigma, sigma_vae_nll  # noqa: E402
+from fastgen.spread import (SpreadVAE, gaussian_kl_standard, nll_lower_bound, optimal_log_sigma,  # noqa: E402
+                            sigma_vae_nll)
 
 NAME = "vae_sigma_collapse"
 D, Z = 8, 2
@@ -78,7 +83,17 @@ def train(mode: str, x: torch.Tensor, *, steps: int, lr: float, hidden: int, see
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed + 1)
     log_sigma_t, nll_t, mse_t = [], [], []
+    svae = SpreadVAE(model.dec, model.enc, spread, latent_dim=Z) if mode == "spread_vae" else None
     for _ in range(steps):
+        if svae is not None:       # D: fixed decoder variance = the spread (seed 001's spread VAE)
+            out = svae(x, generator=g)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            log_sigma_t.append(math.log(spread))
+            nll_t.append(float(out.loss.detach()))
+            mse_t.append(float((out.recon.detach() - out.y).square().mean()))
+            continue
         y = fastgen.spread_noise(x, spread, generator=g) if mode == "spread" else x
         recon, mu, logvar = model(y, g)
         if mode == "learned":
@@ -93,7 +108,20 @@ def train(mode: str, x: torch.Tensor, *, steps: int, lr: float, hidden: int, see
         log_sigma_t.append(float(ls.detach()))
         nll_t.append(float(loss.detach()))
         mse_t.append(float((recon.detach() - y).square().mean()))
-    return np.asarray(log_sigma_t), np.asarray(nll_t), np.asarray(mse_t)
+    return np.asarray(log_sigma_t), np.asarray(nll_t), np.asarray(mse_t), model
+
+
+@torch.no_grad()
+def sample_quality(model: VAE, seed: int, n: int = 2000, bins: int = 64) -> dict:
+    """Samples dec(z), z ~ N(0, I): RMS distance to the curve (nearest of 4096 curve points)
+    and the fraction of ``bins`` equal arcs of the curve that hold a sample's nearest point."""
+    t = torch.linspace(0, 2 * math.pi, 4097)[:-1, None]
+    k = torch.arange(1, D // 2 + 1, dtype=torch.float32)
+    curve = torch.cat([torch.cos(k * t), torch.sin(k * t)], 1)
+    smp = model.dec(torch.randn(n, Z, generator=torch.Generator().manual_seed(seed + 99)))
+    d2, idx = fastgen.knn(smp.contiguous(), curve, 1)
+    return {"rms_distance_to_curve": float(d2.mean().sqrt()),
+            "arc_coverage": float(torch.unique(idx[:, 0] * bins // 4096).numel() / bins)}
 
 
 def tail_slope(v: np.ndarray, frac: float = 0.25) -> float:
@@ -120,11 +148,12 @@ def main(argv=None) -> dict:
         "learned": dict(min_log_sigma=-6.0, spread=0.0),
         "sigma_vae_floor": dict(min_log_sigma=a.min_log_sigma, spread=0.0),
         "spread": dict(min_log_sigma=-6.0, spread=a.spread),
+        "spread_vae": dict(min_log_sigma=-6.0, spread=a.spread),
     }
     curves, res_runs = {}, {}
     for name, kw in runs.items():
-        mode = {"learned": "learned", "sigma_vae_floor": "analytic", "spread": "spread"}[name]
-        ls, nll, mse = train(mode, x, steps=a.steps, lr=a.lr, hidden=a.hidden, seed=a.seed, **kw)
+        mode = {"learned": "learned", "sigma_vae_floor": "analytic", "spread": "spread", "spread_vae": "spread_vae"}[name]
+        ls, nll, mse, model = train(mode, x, steps=a.steps, lr=a.lr, hidden=a.hidden, seed=a.seed, **kw)
         curves[name] = (ls, nll)
         k = max(len(ls) // 20, 1)      # "end" = median over the last 5 % of the steps (1-sample ELBO is noisy)
         res_runs[name] = {"sigma_start": float(np.exp(ls[0])), "sigma_end": float(np.exp(np.median(ls[-k:]))),
@@ -132,7 +161,8 @@ def main(argv=None) -> dict:
                           "neg_elbo_end": float(np.median(nll[-k:])), "neg_elbo_min": float(nll.min()),
                           "mse_end": float(mse[-1]),
                           "log_sigma_slope_per_1000_steps_last_quarter": tail_slope(ls),
-                          "neg_elbo_slope_per_1000_steps_last_quarter": tail_slope(nll)}
+                          "neg_elbo_slope_per_1000_steps_last_quarter": tail_slope(nll),
+                          "samples": sample_quality(model, a.seed)}
     bound = nll_lower_bound(D, a.min_log_sigma)
     res = {
         "article": {"claim": "learned decoder variance -> 0 and the likelihood diverges (seed 002); the sigma-VAE "
@@ -149,8 +179,9 @@ def main(argv=None) -> dict:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = {"learned": "A: learned sigma (free parameter)",
               "sigma_vae_floor": f"B: sigma-VAE, sigma^2 = MSE, soft floor {math.exp(a.min_log_sigma):.3g}",
-              "spread": f"C: sigma-VAE on spread data (s = {a.spread:g})"}
-    for (name, (ls, nll)), c in zip(curves.items(), ("C3", "C0", "C2")):
+              "spread": f"C: sigma-VAE on spread data (s = {a.spread:g})",
+              "spread_vae": f"D: spread VAE, decoder sigma = spread = {a.spread:g} (fixed)"}
+    for (name, (ls, nll)), c in zip(curves.items(), ("C3", "C0", "C2", "C4")):
         axes[0].plot(np.exp(ls), c, lw=1.2, label=labels[name])
         axes[1].plot(nll, c, lw=1.2, label=labels[name])
     axes[0].set_yscale("log")
@@ -169,7 +200,8 @@ def main(argv=None) -> dict:
     for name, r in res_runs.items():
         print(f"{name:16s} sigma {r['sigma_start']:.3g} -> {r['sigma_end']:.3g}  -ELBO {r['neg_elbo_start']:.2f} -> "
               f"{r['neg_elbo_end']:.2f}  slope(-ELBO, last quarter) {r['neg_elbo_slope_per_1000_steps_last_quarter']:.2f}"
-              f" / 1000 steps")
+              f" / 1000 steps; samples: RMS distance to curve {r['samples']['rms_distance_to_curve']:.3f}, "
+              f"arc coverage {r['samples']['arc_coverage']:.2f}")
     print(f"B's bound: {bound:.3f} nats; wrote {a.out}/{NAME}.png, {NAME}.json ({res['seconds']} s)")
     return res
 

@@ -13,6 +13,10 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "exam
 pytestmark = pytest.mark.slow
 
 
+def D_BOUND(sigma, D=8):
+    return D * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+
+
 def _load(name):
     spec = importlib.util.spec_from_file_location(f"fastgen_example_{name}", os.path.join(ROOT, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -102,3 +106,9 @@ def test_vae_sigma_collapse(tmp_path):
     # C: spread data: sigma settles near the spread level (0.1) without a floor
     assert 0.05 < C["sigma_end"] < 0.2
     assert abs(C["log_sigma_slope_per_1000_steps_last_quarter"]) < 0.25 * abs(A["log_sigma_slope_per_1000_steps_last_quarter"])
+    # D: spread VAE (fixed decoder sigma = spread): trained, and bounded by construction
+    Dr = res["runs"]["spread_vae"]
+    assert Dr["neg_elbo_end"] < Dr["neg_elbo_start"] - 50
+    assert Dr["neg_elbo_min"] > D_BOUND(res["spread_sigma"])
+    for r in res["runs"].values():
+        assert r["samples"]["arc_coverage"] > 0.9 and r["samples"]["rms_distance_to_curve"] < 1.5
