@@ -223,7 +223,8 @@ def test_local_bound_is_a_lower_bound():
         flags = torch.zeros(1, 193, dtype=torch.int32, device=DEV)
         flags[0, :192] = 1
         ek = torch.full((1, 192), 0.05, dtype=torch.float64, device=DEV)
-        rows, cv, ci, rowterm, lb = kt._tier_local(qd, kd, mu, flags, None, None, ek, 1, 4, prec,
+        sub = torch.arange(192, device=DEV)[None]
+        rows, cv, ci, rowterm, lb = kt._tier_local(qd, kd, mu, flags, None, None, ek, 1, 4, prec, sub,
                                                    _return_parts=True)
         rows, cv, ci, rowterm, lb = rows[0].cpu(), cv[0].cpu(), ci[0].long().cpu(), rowterm[0].cpu(), lb[0].cpu()
         valid = rows >= 0

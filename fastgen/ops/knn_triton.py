@@ -1,7 +1,9 @@
 """Triton backend of :func:`fastgen.knn`: exact k nearest neighbours at tensor-core speed.
 
-Every stage runs on the device; there is no host synchronisation (autotuning aside): the
-later tiers run over all query blocks, and blocks without work return at once.
+Every stage runs on the device. There is one host synchronisation (autotuning aside): the
+number of queries tier 1 could not settle, read once to skip the later tiers when it is zero
+(the common case for generic data) and to size tier 2's buffers by it. Tiers 3 and 4 run
+over all query blocks in flagged-first order, and blocks without work return at once.
 
 1. **Centre and round** (``_center_kernel``). The key mean ``mu`` (per batch; in float64 for
    float64 inputs) is subtracted from queries and keys: distances are shift-invariant, and
@@ -734,7 +736,7 @@ def _bound_from_v(v, qrow, rho):
     return ((big_l.sqrt() * (1 - 1e-14) - rho).clamp_min(0.0)) ** 2 * (1 - 1e-14)
 
 
-def _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, _return_parts=False):
+def _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, sub, _return_parts=False):
     """Tier 2 (module docstring): re-search the queries flagged 1 with local coordinates.
 
     Flagged queries are grouped by their nearest pivot (P = N / 32 evenly spaced queries; a
@@ -747,7 +749,10 @@ def _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, _retur
 
     (AM-GM on the distance-domain bound of tier 1: (a - b)^2 >= (1 - t) a^2 - (1/t - 1) b^2),
     with every norm taken about cg: small when the block is tight, whatever the data's
-    extent. Certified queries get their results and flag 0; the others keep flag 1."""
+    extent. Certified queries get their results and flag 0; the others keep flag 1.
+
+    ``sub`` [B, Nf]: rows of query that include every row flagged 1 (the flagged rows first,
+    Nf = the largest count over the batch), so that the work scales with the flagged rows."""
     B, N, D = query.shape
     M = key.shape[1]
     device = query.device
@@ -755,30 +760,32 @@ def _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, _retur
     cd = torch.float64 if query.dtype == torch.float64 else torch.float32
     CB = _LOCAL_BLOCK
     Dp = _pad_d(D)
-    active = flags[:, :N] == 1
+    Nf = sub.shape[1]
+    active = flags.gather(1, sub) == 1
 
     # --- group the flagged queries by nearest pivot (any grouping is correct; tight is fast).
     # Pivots by D^2 sampling in rounds (k-means|| seeding): each round draws X more flagged
     # queries with probability proportional to their squared distance to the pivots so far,
     # so every well-separated cluster soon gets one; X doubles up to P / 16.
-    P = max(1, min(4096, N // CB))  # groups average >= CB rows: padding at most ~2x
-    qg = (query.to(cd) - mu.to(cd)[:, None, :]).to(torch.float32)
+    P = max(1, min(4096, Nf // CB))  # groups average >= CB rows: padding at most ~2x
+    qg = (query.gather(1, sub[..., None].expand(B, Nf, D)).to(cd) - mu.to(cd)[:, None, :]).to(torch.float32)
     qn = (qg * qg).sum(-1)
     mind = torch.where(active, qn, 0.0)
-    lab = torch.zeros((B, N), dtype=torch.int64, device=device)
+    lab = torch.zeros((B, Nf), dtype=torch.int64, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     have, X = 0, 1
     while have < P:
-        if have == 0 or N > 2 ** 24:  # the flagged query(s) farthest from the pivots
-            new = torch.topk(mind, X, dim=1).indices
-        else:
-            new = torch.multinomial(mind.clamp_min(0.0) + 1e-30, X, replacement=False, generator=gen)
+        if have == 0:  # the flagged query farthest from the mean
+            new = torch.topk(mind, 1, dim=1).indices
+        else:  # X draws without replacement, P(i) ~ mind_i (exponential race; no host sync)
+            race = torch.empty_like(mind).exponential_(generator=gen)
+            new = torch.topk(mind.clamp_min(0.0) / race, X, dim=1).indices
         piv = qg.gather(1, new[..., None].expand(B, X, D))
         pn = (piv * piv).sum(-1)[:, None, :]
-        dmin = torch.empty((B, N), dtype=torch.float32, device=device)
-        arg = torch.empty((B, N), dtype=torch.int64, device=device)
+        dmin = torch.empty((B, Nf), dtype=torch.float32, device=device)
+        arg = torch.empty((B, Nf), dtype=torch.int64, device=device)
         step = max(1, (1 << 25) // (X * B))
-        for s0 in range(0, N, step):  # [B, step, X] squared distances, approximate (any is fine)
+        for s0 in range(0, Nf, step):  # [B, step, X] squared distances, approximate (any is fine)
             d2 = torch.baddbmm(pn + qn[:, s0:s0 + step, None], qg[:, s0:s0 + step], piv.transpose(1, 2),
                                alpha=-2.0)
             dmin[:, s0:s0 + step], arg[:, s0:s0 + step] = d2.min(-1)
@@ -798,10 +805,11 @@ def _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, _retur
     goff = torch.cumsum(padded, 1) - padded
     start = torch.cumsum(cnt, 1) - cnt
     slab, order = torch.sort(lab, dim=1, stable=True)
-    dest = goff.gather(1, slab) + torch.arange(N, device=device)[None] - start.gather(1, slab)
-    R = _cdiv(N + P * CB, _PAD_ROWS) * _PAD_ROWS  # static bound of the padded layout
+    dest = goff.gather(1, slab) + torch.arange(Nf, device=device)[None] - start.gather(1, slab)
+    R = _cdiv(Nf + P * CB, _PAD_ROWS) * _PAD_ROWS  # bound of the padded layout
     dest = torch.where(slab < P, dest, R)
-    rows = torch.full((B, R + 1), -1, dtype=torch.int64, device=device).scatter_(1, dest, order)[:, :R]
+    rows = torch.full((B, R + 1), -1, dtype=torch.int64, device=device)
+    rows = rows.scatter_(1, dest, sub.gather(1, order))[:, :R]  # query row of each slot, -1: padding
     valid = rows >= 0
     rsafe = rows.clamp_min(0)
 
@@ -922,14 +930,18 @@ def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candida
     # 4. certificate; the queries it cannot settle go to tiers 2, 3, 4
     flags[:, :N] = ~(lb > ek * (1.0 + (D + 8) * 2 * _U64))
     tier = torch.where(flags[:, :N] == 0, 1, 4).to(torch.int32) if _tiers else None
-    if _local:
-        _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision)
+    # the one host synchronisation: how many queries tier 1 left (per batch, the largest)
+    n_left = int(flags.sum(1).max())
+    if n_left:
+        if _local:
+            sub = torch.sort((flags[:, :N] != 1).to(torch.int8), dim=1, stable=True).indices[:, :n_left]
+            _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, sub.contiguous())
+            if _tiers:
+                tier = torch.where((tier == 4) & (flags[:, :N] == 0), 2, tier)
+        _scan(3, query, key, flags, d_out, i_out, k, C, interp)
         if _tiers:
-            tier = torch.where((tier == 4) & (flags[:, :N] == 0), 2, tier)
-    _scan(3, query, key, flags, d_out, i_out, k, C, interp)
-    if _tiers:
-        tier = torch.where((tier == 4) & (flags[:, :N] == 0), 3, tier)
-    _scan(4, query, key, flags, d_out, i_out, k, C, interp)
+            tier = torch.where((tier == 4) & (flags[:, :N] == 0), 3, tier)
+        _scan(4, query, key, flags, d_out, i_out, k, C, interp)
     d_out, i_out = d_out[:, :N], i_out[:, :N]
 
     # float64 inputs get the float64 exact distances (the fastgen.knn contract), else fp32
