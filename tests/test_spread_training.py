@@ -283,3 +283,15 @@ def test_training_loops_reproducible_and_decreasing(method):
     assert r1.sample(16).shape == (16, 2)
     with pytest.raises(ValueError, match="sigma"):
         fn(x, SpreadConfig(sigma_start=0.0), progress=False)
+
+
+def test_default_config():
+    from fastgen.spread.train import default_config
+
+    assert default_config("spread", "grid-gmm").kind == "laplace"
+    c = default_config("spread-vae", "digits", epochs=3, seed=5)
+    assert (c.epochs, c.seed, c.out_act, c.kind) == (3, 5, "sigmoid", "gaussian")
+    with pytest.raises(ValueError, match="method"):
+        default_config("imle", "digits")
+    with pytest.raises(ValueError, match="data"):
+        default_config("spread", "mnist")

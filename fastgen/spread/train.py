@@ -22,7 +22,7 @@ from ..imle.train import MLPGenerator
 from ..nn.spread import SpreadDivergenceLoss
 from .vae import SpreadVAE
 
-__all__ = ["SpreadConfig", "SpreadTrainResult", "train_spread", "train_spread_vae"]
+__all__ = ["SpreadConfig", "SpreadTrainResult", "default_config", "train_spread", "train_spread_vae"]
 
 
 @dataclass
@@ -47,6 +47,33 @@ class SpreadConfig:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         return d
+
+
+def default_config(method: str, data: str, epochs: int | None = None, seed: int = 0) -> SpreadConfig:
+    """Settings for ``method`` in ("spread", "spread-vae") on ``data`` in ("grid-gmm", "digits").
+
+    grid-gmm, measured on a busy 2-core CPU (one torch thread): spread, 3000 steps, Laplace spread
+    1.0 -> 0.05: 21/25 modes (high-quality fraction 0.62); spread-vae, 8000 steps, Gaussian
+    spread 0.3 -> 0.05, latent 2: 25/25 modes (0.55). digits (pixels / 16 in [0, 1]): not tuned.
+    """
+    if method not in ("spread", "spread-vae"):
+        raise ValueError(f"method must be 'spread' or 'spread-vae', got {method!r}")
+    if data == "grid-gmm":
+        if method == "spread":
+            cfg = SpreadConfig()
+        else:
+            cfg = SpreadConfig(epochs=400, latent_dim=2, batch_size=256, sigma_start=0.3, sigma_end=0.05,
+                               kind="gaussian")
+    elif data == "digits":
+        cfg = SpreadConfig(epochs=100, latent_dim=32, hidden=(512, 512), batch_size=128, n_samples=1024, lr=1e-3,
+                           lr_final=1e-4, sigma_start=0.5, sigma_end=0.1, out_act="sigmoid",
+                           kind="laplace" if method == "spread" else "gaussian")
+    else:
+        raise ValueError(f"data must be 'digits' or 'grid-gmm', got {data!r}")
+    if epochs is not None:
+        cfg.epochs = epochs
+    cfg.seed = seed
+    return cfg
 
 
 @dataclass
