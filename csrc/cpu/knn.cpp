@@ -490,7 +490,9 @@ inline int num_threads_for(int64_t work) {
   if (omp_in_parallel()) nt = 1;
 #endif
   // tiny problems are not worth waking threads for
-  if (work < (int64_t)1 << 24) nt = 1;
+  // below ~0.5 ms of single-thread work a second thread gains little and, on a shared machine,
+  // costs more than it gains (every barrier waits for a descheduled thread)
+  if (work < (int64_t)1 << 26) nt = 1;
   return std::max(nt, 1);
 }
 
