@@ -88,6 +88,10 @@ def peers(device: torch.device, k: int) -> dict:
             if _dispatch.unavailable_reason("knn", b, device.type) is None]
     for b in here:
         p[f"fastgen-{b}"] = (lambda q, key, b=b: fastgen.knn(q, key, k, backend=b))
+    if cuda and "triton" in here:  # tuning peer: bf16 candidate passes for fp32 inputs (still exact)
+        from fastgen.ops.knn_triton import knn_triton
+
+        p["fastgen-triton-bf16"] = lambda q, key: knn_triton(q, key, k, _precision="bf16")
     try:
         import faiss
 
@@ -208,6 +212,20 @@ def main(argv=None) -> int:
             rec.add(case, name, q.dtype, "fwd", tm, wrong=f"{wrong}/{N}")
         floor = _mm_floor(q, key, device, rep_ms)
         rec.add(case, "mm-only-fp32", q.dtype, "fwd", floor, note="floor: the matmul alone, not a kNN")
+        if "fastgen-triton" in res:  # which tier settled the queries, and the same shape on random data
+            from fastgen.ops.knn_triton import knn_triton
+
+            tiers = knn_triton(q, key, k, _tiers=True)[2]
+            rec.add(case, "fastgen-triton", q.dtype, "tiers", None, note="queries settled by tier 1/2/3/4: " +
+                    "/".join(str(int((tiers == t).sum())) for t in (1, 2, 3, 4)))
+            g = torch.Generator(device=device).manual_seed(2)
+            qr = torch.randn(N, D, device=device, generator=g)
+            kr = torch.randn(M, D, device=device, generator=g)
+            for name in ("fastgen-triton", "fastgen-triton-bf16", "faiss-gpu"):
+                if name in res:
+                    tm = bench(lambda: impls[name](qr, kr), device=device, rep_ms=rep_ms)
+                    rec.add(case + " random", name, qr.dtype, "fwd", tm, note="unit-normal data")
+            del qr, kr
         ours = next((n for n in ("fastgen-cpu", "fastgen-triton", "fastgen-torch") if n in res), None)
         if ours:
             for peer in ("faiss-cpu", "faiss-gpu", "cdist+topk", "mm-expansion-fp32"):
