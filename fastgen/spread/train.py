@@ -54,7 +54,9 @@ def default_config(method: str, data: str, epochs: int | None = None, seed: int 
 
     grid-gmm, measured on a busy 2-core CPU (one torch thread): spread, 3000 steps, Laplace spread
     1.0 -> 0.05: 21/25 modes (high-quality fraction 0.62); spread-vae, 8000 steps, Gaussian
-    spread 0.3 -> 0.05, latent 2: 25/25 modes (0.55). digits (pixels / 16 in [0, 1]): not tuned.
+    spread 0.3 -> 0.05, latent 2: 25/25 modes (0.55). digits (pixels / 16 in [0, 1]), barely tuned:
+    spread, 60 epochs, Laplace 0.5 -> 0.03: precision 0.94, recall 0.17, 10/10 classes;
+    spread-vae, same: precision 0.88, recall 0.05 (IMLE's tuned demo does better on recall).
     """
     if method not in ("spread", "spread-vae"):
         raise ValueError(f"method must be 'spread' or 'spread-vae', got {method!r}")
@@ -66,7 +68,7 @@ def default_config(method: str, data: str, epochs: int | None = None, seed: int 
                                kind="gaussian")
     elif data == "digits":
         cfg = SpreadConfig(epochs=100, latent_dim=32, hidden=(512, 512), batch_size=128, n_samples=1024, lr=1e-3,
-                           lr_final=1e-4, sigma_start=0.5, sigma_end=0.1, out_act="sigmoid",
+                           lr_final=1e-4, sigma_start=0.5, sigma_end=0.03, out_act="sigmoid",
                            kind="laplace" if method == "spread" else "gaussian")
     else:
         raise ValueError(f"data must be 'digits' or 'grid-gmm', got {data!r}")
