@@ -67,7 +67,7 @@ def default_config(method: str, data: str, epochs: int | None = None, seed: int 
             cfg = SpreadConfig(epochs=400, latent_dim=2, batch_size=256, sigma_start=0.3, sigma_end=0.05,
                                kind="gaussian")
     elif data == "digits":
-        cfg = SpreadConfig(epochs=100, latent_dim=32, hidden=(512, 512), batch_size=128, n_samples=1024, lr=1e-3,
+        cfg = SpreadConfig(epochs=60, latent_dim=32, hidden=(512, 512), batch_size=128, n_samples=1024, lr=1e-3,
                            lr_final=1e-4, sigma_start=0.5, sigma_end=0.03, out_act="sigmoid",
                            kind="laplace" if method == "spread" else "gaussian")
     else:
