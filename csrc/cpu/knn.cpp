@@ -747,17 +747,24 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
           std::nth_element(cand.begin(), cand.begin() + (C - 1), cand.begin() + nc);
           nc = C;
         }
-        float Tc = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < nc; ++s) Tc = std::max(Tc, cand[s].first);
+        // in increasing r: the k-th smallest r bounds the exact k-th distance from above
+        // (Dk <= nq + r_(k) + delta), so a candidate with r > r_(k) + 2 delta cannot be in the top
+        // k and needs no exact evaluation
+        std::sort(cand.begin(), cand.begin() + nc);
+        const float Tc = cand[nc - 1].first;
+        const double delta = bnd(std::sqrt(nq[i]));
+        const double rk = (double)cand[k - 1].first;
+        const double cut = rk + 2.0 * delta + (double)(D + 8) * std::ldexp(1.0, -51) * (nq[i] + std::fabs(rk) + delta);
+        int64_t ne = k;
+        while (ne < nc && (double)cand[ne].first <= cut) ++ne;
         const T* qi = q + i * D;
-        if (nc > 0) prefetch_row(key + (int64_t)cand[0].second * D, D);
-        for (int64_t s = 0; s < nc; ++s) {
-          if (s + 1 < nc) prefetch_row(key + (int64_t)cand[s + 1].second * D, D);
+        prefetch_row(key + (int64_t)cand[0].second * D, D);
+        for (int64_t s = 0; s < ne; ++s) {
+          if (s + 1 < ne) prefetch_row(key + (int64_t)cand[s + 1].second * D, D);
           ex[s] = {exact_d2(qi, key + (int64_t)cand[s].second * D, D), cand[s].second};
         }
-        std::partial_sort(ex.begin(), ex.begin() + k, ex.begin() + nc);
+        std::partial_sort(ex.begin(), ex.begin() + k, ex.begin() + ne);
         const double Dk = ex[k - 1].first;
-        const double delta = bnd(std::sqrt(nq[i]));
         // the double rounding of nq, Dk (D-term sums) and of this comparison
         const double slop = (double)(D + 8) * std::ldexp(1.0, -52) * (nq[i] + std::fabs((double)Tc) + delta + Dk);
         if (nq[i] + (double)Tc - delta - slop > Dk) {  // certified: no other key can reach the top k
