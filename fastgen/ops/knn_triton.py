@@ -534,8 +534,8 @@ def _local_configs(Dp: int, C: int, elt_bytes: int) -> list:
     out = []
     plan = [(64, 64, 4, 32, 2), (64, 64, 4, 32, 3), (64, 128, 8, 32, 2), (64, 128, 8, 32, 3),
             (64, 64, 8, 64, 2), (32, 64, 4, 32, 2)]
-    for bn, bm, w, bd, st in plan:
-        bd = min(bd * 4 // elt_bytes, Dp)
+    for bn, bm, w, bd, st in plan:  # BLOCK_D in elements for every operand type (16-bit ones
+        bd = min(bd, Dp)                # with BLOCK_D = 64 spill at 64 x 128 on sm_90)
         if (C > 32 and bn > 32) or Dp % bd:
             continue
         out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd), num_warps=w, num_stages=st))
