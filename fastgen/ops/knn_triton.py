@@ -89,7 +89,13 @@ _U64 = 2.0 ** -53
 _EPS_OP = {"tf32": 2.0 ** -11, "bf16": 2.0 ** -9}
 _ROUND_MODE = {"tf32": 1, "bf16": 2}
 _MAX_C = 128
-_PAD_ROWS = 128  # query / key rows are padded to a multiple of this (>= every BLOCK_N / BLOCK_M)
+_PAD_ROWS = 128  # tier 2's grouped rows are padded to a multiple of this
+
+
+def _row_granule(n: int, cap: int) -> int:
+    """Rows are padded per batch to a multiple of this (a power of two in [16, cap]); every
+    tile height used on them divides it, so small sets (large B, small N or M) stay small."""
+    return min(cap, max(16, _next_pow2(n)))
 
 
 def _interpret() -> bool:
@@ -514,15 +520,21 @@ def _cand_configs(Dp: int, C: int, elt_bytes: int) -> list:
     return out
 
 
-def _interp_config(Dp: int, C: int) -> dict:
+def _interp_config(Dp: int, C: int, gN: int = 128, gM: int = 256) -> dict:
     """The single configuration used under TRITON_INTERPRET=1 (large blocks: fewer programs)."""
     bd = Dp if Dp <= 64 else 64
-    return dict(BLOCK_N=64 if C <= 32 else 16, BLOCK_M=64, BLOCK_D=bd, Q_RESIDENT=(bd >= Dp))
+    return dict(BLOCK_N=min(gN, 64 if C <= 32 else 16), BLOCK_M=min(gM, 64), BLOCK_D=bd, Q_RESIDENT=(bd >= Dp))
 
 
 @functools.lru_cache(maxsize=None)
-def _cand_tuner(Dp: int, C: int, elt_bytes: int):
-    return triton.autotune(configs=_cand_configs(Dp, C, elt_bytes), key=["NB", "MB"])(_candidates_kernel)
+def _cand_tuner(Dp: int, C: int, elt_bytes: int, gN: int = 128, gM: int = 256):
+    """Autotuner of the tier-1 kernel over the configs whose tiles fit the row granules."""
+    cfgs = [c for c in _cand_configs(Dp, C, elt_bytes) if c.kwargs["BLOCK_N"] <= gN and c.kwargs["BLOCK_M"] <= gM]
+    if not cfgs:  # tiny sets: one small tile
+        bd = Dp if Dp <= 128 else 32 * 4 // elt_bytes
+        cfgs = [triton.Config(dict(BLOCK_N=min(gN, 32), BLOCK_M=min(gM, 64), BLOCK_D=bd, Q_RESIDENT=bd >= Dp),
+                              num_warps=4, num_stages=2)]
+    return triton.autotune(configs=cfgs, key=["NB", "MB"])(_candidates_kernel)
 
 
 _LOCAL_BLOCK = 64  # rows of QL sharing one centre (a multiple of every local BLOCK_N)
@@ -582,7 +594,7 @@ def _center(x: torch.Tensor, mu: torch.Tensor, Rp: int, Dp: int, precision: str,
     xc = torch.empty((B, Rp, Dp), dtype=buf_dtype, device=x.device)
     nr2 = torch.empty((B, Rp), dtype=torch.float32, device=x.device)
     nu2 = torch.empty((B, Rp), dtype=torch.float32, device=x.device)
-    block_r = 32
+    block_r = 32 if Rp % 32 == 0 else 16  # Rp is a multiple of 16
     block_d = min(Dp, 64)  # divides Dp
     n_rblocks = Rp // block_r
     _center_kernel[(B * n_rblocks,)](
@@ -672,8 +684,9 @@ def _tier1(query, key, C, split, precision, _return_parts=False):
     device = query.device
     interp = _interpret()
     Dp = _pad_d(D)
-    Np = _cdiv(N, _PAD_ROWS) * _PAD_ROWS
-    Mp = _cdiv(M, _PAD_ROWS) * _PAD_ROWS
+    gN, gM = _row_granule(N, 128), _row_granule(M, 256)
+    Np = _cdiv(N, gN) * gN
+    Mp = _cdiv(M, gM) * gM
     buf_dtype = torch.bfloat16 if (precision == "bf16" and not interp) else torch.float32
 
     # 1. centre on the key mean, round to the candidate precision
@@ -687,8 +700,8 @@ def _tier1(query, key, C, split, precision, _return_parts=False):
 
     # 2. tier 1: candidate pass (M split across grid axis 1 when B * N is small)
     split = split if split is not None else _choose_split(B, N, M, device)
-    split = max(1, min(int(split), _cdiv(M, _PAD_ROWS)))
-    m_chunk = _cdiv(_cdiv(M, split), _PAD_ROWS) * _PAD_ROWS
+    split = max(1, min(int(split), _cdiv(M, gM)))
+    m_chunk = _cdiv(_cdiv(M, split), gM) * gM  # tiles of a chunk never pass Mp
     split = _cdiv(M, m_chunk)
     cand_v = torch.empty((split, B, Np, C), dtype=torch.float32, device=device)
     cand_i = torch.empty((split, B, Np, C), dtype=torch.int32, device=device)
@@ -696,14 +709,14 @@ def _tier1(query, key, C, split, precision, _return_parts=False):
     mb_key = max(0, (M - 1).bit_length() // 2)
     args = (qc, kc, kcol, cand_v, cand_i, M, N, m_chunk, Np, Mp, B * Np * C, Np * C, nb_key, mb_key)
     if interp:
-        cfg = _interp_config(Dp, C)
+        cfg = _interp_config(Dp, C, gN, gM)
         _candidates_kernel[(B * _cdiv(N, cfg["BLOCK_N"]), split)](*args, Dp=Dp, C=C, DOT_PREC="tf32", **cfg,
                                                                  num_warps=4)
     else:
         def grid(meta):
             return (B * _cdiv(N, meta["BLOCK_N"]), split)
 
-        _cand_tuner(Dp, C, kc.element_size())[grid](*args, Dp=Dp, C=C, DOT_PREC="tf32")
+        _cand_tuner(Dp, C, kc.element_size(), gN, gM)[grid](*args, Dp=Dp, C=C, DOT_PREC="tf32")
     del qc, kc
     cv = cand_v[:, :, :N]
     ci = cand_i[:, :, :N]
@@ -903,7 +916,7 @@ def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candida
         raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)}")
     if not (1 <= k <= M):
         raise ValueError(f"k must be in [1, M={M}], got {k}")
-    if M >= 2 ** 31 - 2 * _MAX_C - _PAD_ROWS:
+    if M >= 2 ** 31 - 2 * _MAX_C - 256:
         raise ValueError(f"key has M={M} rows; the triton backend supports M < 2^31")
     precision = _precision or ("tf32" if query.dtype in (torch.float32, torch.float64) else "bf16")
     if precision not in _EPS_OP:
