@@ -752,8 +752,8 @@ def _bound_from_v(v, qrow, rho):
 def _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, sub, _return_parts=False):
     """Tier 2 (module docstring): re-search the queries flagged 1 with local coordinates.
 
-    Flagged queries are grouped by their nearest pivot (P = N / 32 evenly spaced queries; a
-    Voronoi cell lies in one cluster of clustered data), each group padded to whole blocks of
+    Flagged queries are grouped by their nearest pivot (P = Nf / 64 pivots drawn by D^2
+    sampling; a Voronoi cell lies in one cluster of clustered data), each group padded to whole blocks of
     _LOCAL_BLOCK rows, and every block is centred on the mean cg of its queries; the kernel
     re-centres the keys on cg on the fly. With t in (0, 1) per block, the exact squared
     distance of query i and key j is at least
