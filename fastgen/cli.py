@@ -34,8 +34,8 @@ def default_config(data: str, epochs: int | None = None, seed: int = 0):
     from .imle.train import IMLEConfig
 
     if data == "digits":
-        cfg = IMLEConfig(epochs=300, latent_dim=32, hidden=(512, 512), batch_size=64, lr=1e-3, lr_final=1e-3,
-                         pool_factor=10, staleness=5, noise=0.01, out_act="sigmoid", temperature=1.0)
+        cfg = IMLEConfig(epochs=200, latent_dim=32, hidden=(1024, 1024, 1024), batch_size=64, lr=1e-3, lr_final=1e-3,
+                         pool_factor=5, staleness=5, noise=0.01, out_act="sigmoid", temperature=1.15)
     elif data == "grid-gmm":
         cfg = IMLEConfig(epochs=60, latent_dim=8, hidden=(256, 256), batch_size=256, lr=1e-3, lr_final=1e-4,
                          pool_factor=10, staleness=5, noise=0.01, out_act="none", temperature=1.0)
@@ -218,7 +218,10 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the tuned value)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-samples", type=int, default=None, help="samples to draw for samples.npy and the metrics")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the training steps are small matmuls that gain little "
+                        "from a second core, and on a busy machine OpenMP barriers make 2 threads several "
+                        "times slower)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--no-baseline", action="store_true", help="skip the GaussianMixture baseline (digits)")
     for name, typ in (("latent-dim", int), ("pool-factor", float), ("staleness", int), ("noise", float),
@@ -263,8 +266,7 @@ def main(argv=None) -> int:
         raise SystemExit("fastgen: --n-samples must be >= 8 (the metrics need k-NN radii)")
     import torch
 
-    if a.threads is not None:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
     method, data = ("imle", "digits") if a.cmd == "demo" else (a.method, a.data)
     name = a.name or f"{method}-{data}"
     out = a.out or os.path.join(a.runs_dir, name)

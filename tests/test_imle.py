@@ -345,6 +345,33 @@ def _replay_pool(smp, n):
         return pool, smp.generator(pool)
 
 
+def test_sampler_per_batch_pools_match_brute_force():
+    g = _gen()
+    x = torch.randn(20, 6)
+    pools = []
+
+    def rec(n):
+        z = torch.randn(n, 4)
+        pools.append(z)
+        return z
+
+    smp = fastgen.imle.IMLESampler(g, x, latent_dim=4, pool_factor=1.5, per_batch=True, noise=0.0,
+                                   latent_sampler=rec)
+    for (z, idx), pool in zip(smp.epoch(batch_size=8), _lazy(pools)):
+        assert len(pool) == round(1.5 * len(idx))
+        with torch.no_grad():
+            zr, _ = ref.select_latents(pool, g(pool), x[idx])
+        assert torch.equal(z, zr)
+    assert smp.selections == 3 and len(pools) == 3
+
+
+def _lazy(lst):
+    i = 0
+    while True:
+        yield lst[i]
+        i += 1
+
+
 def test_sampler_bad_args():
     with pytest.raises(ValueError, match="staleness"):
         fastgen.imle.IMLESampler(_gen(), torch.randn(5, 6), latent_dim=4, staleness=0)

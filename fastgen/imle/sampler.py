@@ -33,6 +33,12 @@ class IMLESampler:
         pool_factor: candidates per example at each re-selection (pool = pool_factor * N).
         staleness: re-select every ``staleness`` epochs (the first call to :meth:`epoch`
             always selects).
+        per_batch: instead of a dataset-wide pool, draw a fresh pool of
+            ``pool_factor * batch`` candidates for every mini-batch and select among them
+            (Li & Malik 2018, Algorithm 1 with fresh samples per batch); ``staleness`` is then
+            unused. Every region of the latent space is eventually selected and pulled
+            towards the data, which a large shared pool never does (samples already near the
+            data win every pick): needed on well-separated modes such as grid-gmm.
         noise: std of the Gaussian perturbation added to each yielded latent between
             re-selections (fresh noise per batch; the stored latents do not drift). 0 disables.
         rejection_radius, feature_fn, latent_sampler, backend: passed to
@@ -45,7 +51,7 @@ class IMLESampler:
     """
 
     def __init__(self, generator: Callable, data: torch.Tensor, *, latent_dim: int, pool_factor: float = 10,
-                 staleness: int = 5, noise: float = 0.01, rejection_radius: float = 0.0,
+                 staleness: int = 5, noise: float = 0.01, per_batch: bool = False, rejection_radius: float = 0.0,
                  feature_fn: Callable | None = None, latent_sampler: Callable | None = None,
                  select_batch_size: int | None = None, seed: int = 0, backend: str = "auto"):
         check_tensor("data", data)
@@ -59,6 +65,10 @@ class IMLESampler:
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
             raise ValueError(f"noise must be a float >= 0, got {noise!r}")
         self.noise = float(noise)
+        if not isinstance(per_batch, bool):
+            raise TypeError(f"per_batch must be a bool, got {type(per_batch).__name__}")
+        self.per_batch = per_batch
+        self.pool_factor = float(pool_factor)
         self.rejection_radius = rejection_radius
         self.feature_fn = feature_fn
         self.latent_sampler = latent_sampler
@@ -71,12 +81,16 @@ class IMLESampler:
         self.epochs_seen = 0
         self.selections = 0
 
-    def reselect(self) -> torch.Tensor:
-        """Run :func:`select_latents` over a fresh pool now; returns dist2 [N]."""
-        self.latents, self.dist2 = select_latents(
-            self.generator, self.data, pool_size=self.pool_size, latent_dim=self.latent_dim,
+    def _select(self, data, pool_size):
+        return select_latents(
+            self.generator, data, pool_size=pool_size, latent_dim=self.latent_dim,
             batch_size=self.select_batch_size, rejection_radius=self.rejection_radius,
             feature_fn=self.feature_fn, latent_sampler=self.latent_sampler, rng=self.rng, backend=self.backend)
+
+    def reselect(self) -> torch.Tensor:
+        """Run :func:`select_latents` over a fresh pool for the whole dataset now; returns
+        dist2 [N]."""
+        self.latents, self.dist2 = self._select(self.data, self.pool_size)
         self.selections += 1
         return self.dist2
 
@@ -85,16 +99,25 @@ class IMLESampler:
         """One pass over the data: yields (latents [b, latent_dim], indices [b] int64).
         Re-selects first when the staleness period has elapsed."""
         check_positive_int("batch_size", batch_size)
-        if self.latents is None or self.epochs_seen % self.staleness == 0:
+        if not self.per_batch and (self.latents is None or self.epochs_seen % self.staleness == 0):
             self.reselect()
         self.epochs_seen += 1
         N = self.data.shape[0]
         dev = self.data.device
         order = torch.randperm(N, generator=self.rng, device=dev) if shuffle else torch.arange(N, device=dev)
         stop = N - N % batch_size if drop_last else N
+        if self.per_batch and self.latents is None:
+            self.latents = torch.zeros(N, self.latent_dim, device=dev)
+            self.dist2 = torch.full((N,), float("inf"), device=dev)
         for s in range(0, stop, batch_size):
             idx = order[s:s + batch_size]
-            z = self.latents[idx]
+            if self.per_batch:
+                z, d = self._select(self.data[idx], max(1, int(round(self.pool_factor * len(idx)))))
+                self.latents[idx] = z.to(self.latents.dtype)
+                self.dist2[idx] = d
+                self.selections += 1
+            else:
+                z = self.latents[idx]
             if self.noise > 0:
                 z = z + self.noise * torch.randn(z.shape, generator=self.rng, device=dev, dtype=z.dtype)
             yield z, idx

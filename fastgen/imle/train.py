@@ -25,9 +25,14 @@ class IMLEConfig:
     pool_factor: float = 10.0       # candidates per example at each re-selection
     staleness: int = 5              # epochs between re-selections
     noise: float = 0.01             # latent perturbation between re-selections (std)
+    per_batch: bool = False         # fresh pool of pool_factor x batch for every mini-batch
     out_act: str = "sigmoid"        # "sigmoid" (bounded data, normalised to [0, 1]) or "none"
     rejection_radius: float = 0.0   # RS-IMLE radius in normalised units (0: plain IMLE)
-    temperature: float = 1.0        # std of z when sampling after training
+    temperature: float = 1.0        # scale of z when sampling after training
+    prior: str = "normal"           # latent prior: "normal" N(0, I) or "uniform" U[-sqrt 3, sqrt 3]^L
+                                    # (unit variance; equal-area cells for well-separated modes)
+    select_bf16: str = "auto"       # generator forward of the re-selection pool under bf16
+                                    # autocast: "auto" (when the CPU has native bf16), "on", "off"
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -72,11 +77,51 @@ class TrainResult:
     def sample(self, n: int, *, seed: int = 1234) -> torch.Tensor:
         """n samples [n, out_dim] in the normalised units the generator was trained in."""
         g = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.config.latent_dim, generator=g) * self.config.temperature
+        z = draw_prior(self.config.prior, n, self.config.latent_dim, g) * self.config.temperature
         self.generator.eval()
         out = torch.cat([self.generator(z[s:s + 4096]) for s in range(0, n, 4096)])
         self.generator.train()
         return out
+
+
+def draw_prior(prior: str, n: int, latent_dim: int, generator: torch.Generator | None = None,
+               device="cpu") -> torch.Tensor:
+    """n latents [n, latent_dim] from the prior: "normal" N(0, I) or "uniform" on
+    [-sqrt 3, sqrt 3]^latent_dim (zero mean, unit variance)."""
+    if prior == "normal":
+        return torch.randn(n, latent_dim, generator=generator, device=device)
+    if prior == "uniform":
+        return (torch.rand(n, latent_dim, generator=generator, device=device) * 2 - 1) * math.sqrt(3.0)
+    raise ValueError(f"prior must be 'normal' or 'uniform', got {prior!r}")
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """True when bf16 matmuls are fast here: a CUDA device, or a CPU with native bf16
+    instructions (AVX512-BF16 / AMX) used by oneDNN."""
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+class _Autocast(torch.nn.Module):
+    """The generator under bf16 autocast (re-selection only: the pick of the nearest sample
+    tolerates bf16 rounding; training steps stay in float32)."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.gen = gen
+
+    def forward(self, z):
+        with torch.autocast(z.device.type, dtype=torch.bfloat16):
+            return self.gen(z)
+
+
+def _prior_sampler(config: IMLEConfig, device):
+    g = torch.Generator(device=device).manual_seed(config.seed + 1)
+    return lambda n: draw_prior(config.prior, n, config.latent_dim, g, device)
 
 
 def train_imle(x: torch.Tensor, config: IMLEConfig, *, progress: bool = True, desc: str = "IMLE") -> TrainResult:
@@ -92,9 +137,14 @@ def train_imle(x: torch.Tensor, config: IMLEConfig, *, progress: bool = True, de
     torch.manual_seed(config.seed)
     N, D = x.shape
     gen = MLPGenerator(config.latent_dim, D, tuple(config.hidden), config.out_act)
-    sampler = IMLESampler(gen, x, latent_dim=config.latent_dim, pool_factor=config.pool_factor,
-                          staleness=config.staleness, noise=config.noise,
-                          rejection_radius=config.rejection_radius, seed=config.seed)
+    if config.select_bf16 not in ("auto", "on", "off"):
+        raise ValueError(f"select_bf16 must be 'auto', 'on' or 'off', got {config.select_bf16!r}")
+    draw_prior(config.prior, 1, 1)   # validates the name
+    use_bf16 = config.select_bf16 == "on" or (config.select_bf16 == "auto" and native_bf16(x.device))
+    sampler = IMLESampler(_Autocast(gen) if use_bf16 else gen, x, latent_dim=config.latent_dim, pool_factor=config.pool_factor,
+                          staleness=config.staleness, noise=config.noise, per_batch=config.per_batch,
+                          rejection_radius=config.rejection_radius, seed=config.seed,
+                          latent_sampler=None if config.prior == "normal" else _prior_sampler(config, x.device))
     opt = torch.optim.Adam(gen.parameters(), lr=config.lr)
     steps_per_epoch = math.ceil(N / config.batch_size)
     total = max(1, config.epochs * steps_per_epoch)
@@ -112,7 +162,7 @@ def train_imle(x: torch.Tensor, config: IMLEConfig, *, progress: bool = True, de
         ts = time.perf_counter()
         batches = sampler.epoch(config.batch_size)
         first = next(batches)                          # runs the re-selection when due
-        if reselect:
+        if reselect and not config.per_batch:
             res.select_seconds += time.perf_counter() - ts
             res.select_dist2.append((ep, float(sampler.dist2.mean())))
         tot, cnt = 0.0, 0
@@ -125,6 +175,8 @@ def train_imle(x: torch.Tensor, config: IMLEConfig, *, progress: bool = True, de
             tot += float(loss.detach()) * len(idx)
             cnt += len(idx)
         res.loss.append(tot / cnt)
+        if config.per_batch:
+            res.select_dist2.append((ep, float(sampler.dist2.mean())))
         if progress:
             bar.set_postfix(loss=f"{res.loss[-1]:.4f}", refresh=False)
     res.train_seconds = time.perf_counter() - t0
