@@ -11,7 +11,7 @@ import torch
 import fastgen
 from fastgen import _dispatch
 from fastgen.reference.knn import knn as ref_knn
-from tests.conftest import has_ext_kernel, has_faiss, has_triton
+from conftest import has_ext_kernel, has_faiss, has_triton
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
