@@ -19,7 +19,7 @@ from fastgen.ops import gaussian_nll as gnll
 from fastgen.ops import spread_log_likelihood as sll
 from fastgen.ops import spread_noise as sn
 
-from conftest import backends_for, has_ext_kernel, has_triton
+from conftest import backends_for, has_ext_kernel, has_faiss, has_triton
 
 F64 = torch.float64
 
@@ -346,6 +346,8 @@ def test_deterministic_bitwise(backend):
             g = torch.Generator().manual_seed(3)
             yn = fastgen.spread_noise(x, s[:1], generator=g)
             out += [yn] + list(torch.autograd.grad(yn.sum(), [s]))
+            dk, ik = fastgen.knn(y, smp, 3)
+            out += [dk, ik] + list(torch.autograd.grad(dk.sum(), [smp]))
             return out
 
     prev = torch.are_deterministic_algorithms_enabled()
@@ -433,3 +435,55 @@ def test_gpu_compiled_fullgraph_no_sync():
     v[0, 0] = -1.0  # under compile on GPU a negative var gives NaN instead of a host sync
     ck = torch.compile(lambda x, t, v: fastgen.gaussian_nll_loss(x, t, v), fullgraph=True)
     assert torch.isnan(ck(args[0].detach(), args[1], v))
+
+
+# ---------------------------------------------------------------------------------------------
+# knn
+# ---------------------------------------------------------------------------------------------
+KNN_BACKENDS = backends_for("knn") + [pytest.param("faiss", marks=pytest.mark.skipif(not has_faiss(),
+                                                                                        reason="faiss not installed"))]
+
+
+@pytest.mark.parametrize("backend", KNN_BACKENDS)
+def test_knn_opcheck_and_custom_op_path(backend):
+    op = torch.ops.fastgen.knn_op.default
+    q = (torch.randn(2, 7, 5, dtype=F64) + 100.0).requires_grad_()
+    key = (torch.randn(2, 11, 5, dtype=F64) + 100.0)
+    key[:, 3] = key[:, 8]  # duplicate keys: ties go to the lowest index
+    key.requires_grad_()
+    for k in ((3,) if backend == "triton" else (1, 3)):  # (the Triton interpreter is slow)
+        _opcheck(op, (q, key, k, backend))
+        d, i = op(q, key, k, backend)
+        dw, iw = fastgen.knn(q, key, k, backend=backend)
+        assert d.dtype == F64 and i.dtype == torch.int64
+        assert torch.equal(i, iw)
+        torch.testing.assert_close(d, dw, rtol=0, atol=0)
+        g = torch.rand_like(d)
+        for a, b in zip(torch.autograd.grad(d, [q, key], g), torch.autograd.grad(dw, [q, key], g)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    qf = torch.randn(1, 4, 6, dtype=torch.bfloat16)
+    if backend != "triton":
+        _opcheck(op, (qf, torch.randn(1, 9, 6, dtype=torch.bfloat16), 2, backend))
+    assert op(qf, qf, 1, backend)[0].dtype == torch.float32
+
+
+def test_fullgraph_knn_step():
+    """knn (forward and its gradient) in a fullgraph-compiled step (aot_eager); values and
+    gradients equal eager."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 4).double()
+    z, data = torch.randn(10, 3, dtype=F64), torch.randn(6, 4, dtype=F64)
+
+    def f(z, data):
+        x = lin(z)
+        d2, idx = fastgen.knn(data, x, 2)
+        d1, _ = fastgen.knn(x.reshape(2, 5, 4), data.reshape(2, 3, 4), 1)
+        return d2.sum() + d1.mean() + idx.sum() * 0
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = cf(z, data)
+    gg = torch.autograd.grad(got, [lin.weight])
+    want = f(z, data)
+    gw = torch.autograd.grad(want, [lin.weight])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gg[0], gw[0], rtol=1e-10, atol=1e-12)

@@ -8,9 +8,7 @@ then "faiss" (faiss-gpu), then "torch"):
   fp32 expansion ``||b||^2 - 2 a.b`` on register tiles, running top-C per query, exact re-rank
   in double, rigorous certificate, pruned exact rescan of uncertified queries.
 * ``"torch"``: the same algorithm in plain torch (chunked ``baddbmm`` + ``topk``, exact re-rank
-  in float64, certificate with the any-order bound s = D + 2, TF32 / bf16 matmul precision
-  accounted for); uncertified queries get a second candidate pass in float64 (bound ~1e-16
-  relative), and what that cannot settle (exact ties beyond C) a chunked float64 brute force;
+  in float64, certificate, chunked direct-difference brute force for uncertified queries);
   memory O((N + M) D + chunk), any device.
 * ``"faiss"``: faiss-cpu (``faiss.knn``) on CPU tensors, faiss-gpu (``faiss.knn_gpu`` through
   ``faiss.contrib.torch_utils``, no host copy) on CUDA tensors, made exact the same way: faiss
@@ -21,26 +19,20 @@ Why the certificate: for data far from the origin the fp32 expansion
 ``||q||^2 + ||k||^2 - 2 q.k`` cancels catastrophically (offset 1e3, clusters of std 1e-2: faiss and
 torch.cdist return the wrong neighbour for almost every query). Centring (subtracting the key
 mean, in double) removes the offset; the remaining rounding error is bounded rigorously by
-``delta ~ 2u B^2 + 2 (gamma_s + u) A B + (2 eps + eps^2) (A + B)^2`` (A = ||q - mu||,
-B = max ||k - mu||, u = 2^-24, gamma_s = s u / (1 - s u) the worst-case error of an fp32 dot
-product whose terms pass through at most s roundings - s = L + D / L for the C++ kernel's chains
-of L ~ sqrt(D) FMAs, D + 2 for a BLAS of unknown order - eps = 2^-24 + 2^-52 the rounding of the
-centred data; Higham, Accuracy and Stability of Numerical Algorithms, 2002, sec. 3.1). Every key
-outside the C candidates has an exact distance >= ||a||^2 + T - delta (T = the C-th approximate
-value), so when that is strictly above the exact k-th distance of the candidates, the k
-neighbours are exact. C = k + 8 (D < 128), more for larger D (:func:`n_candidates`).
-
-float64 inputs: the fast pass runs on their fp32-rounded centred values (the rounding is part of
-eps), the re-rank and dist2 are float64: exact to double rounding, dist2 returned as float64
-(the triton backend returns fp32 dist2).
+``delta = 2u B^2 + 2 (gamma_s + u) A B + (2 eps + eps^2) (A + B)^2`` (A = ||q - mu||,
+B = max ||k - mu||, u = 2^-24, gamma_s the worst-case error of an s-step fp32 dot product,
+eps = 2^-24 + 2^-52 the rounding of the centred data). Every key outside the C candidates has
+an exact distance >= ||a||^2 + T - delta (T = the C-th approximate value), so when that is
+strictly above the exact k-th distance of the candidates, the k neighbours are exact.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 
-from .. import _backend, _dispatch, _validate
+from .. import _backend, _compile, _dispatch, _validate
 
 __all__ = ["knn", "n_candidates"]
 
@@ -385,21 +377,74 @@ class _KNN(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_dist2, _grad_index):
         query, key, index = ctx.saved_tensors
-        gq = gk = None
         if grad_dist2 is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None
-        cd = torch.float64 if torch.float64 in (query.dtype, key.dtype) else torch.float32
-        B = query.shape[0]
-        bidx = torch.arange(B, device=query.device)[:, None, None]
-        diff = query.to(cd)[:, :, None, :] - key.to(cd)[bidx, index]           # [B, N, k, D]
-        g = grad_dist2.to(cd)[..., None] * diff                                 # [B, N, k, D]
-        if ctx.needs_input_grad[0]:
-            gq = (2.0 * g.sum(dim=2)).to(query.dtype)
-        if ctx.needs_input_grad[1]:
-            gk = torch.zeros(key.shape, dtype=cd, device=key.device)
-            gk.index_put_((bidx.expand_as(index), index), -2.0 * g, accumulate=True)
-            gk = gk.to(key.dtype)
+        gq, gk = _knn_grads(query, key, index, grad_dist2, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return gq, gk, None, None
+
+
+def _knn_grads(query, key, index, grad_dist2, need_q: bool, need_k: bool):
+    """(grad_query, grad_key) of dist2 = ||q_i - key_idx||^2 with idx fixed (None where not
+    needed); plain torch ops, so torch.compile traces it as the custom op's backward."""
+    gq = gk = None
+    cd = torch.float64 if torch.float64 in (query.dtype, key.dtype) else torch.float32
+    B = query.shape[0]
+    bidx = torch.arange(B, device=query.device)[:, None, None]
+    diff = query.to(cd)[:, :, None, :] - key.to(cd)[bidx, index]           # [B, N, k, D]
+    g = grad_dist2.to(cd)[..., None] * diff                                 # [B, N, k, D]
+    if need_q:
+        gq = (2.0 * g.sum(dim=2)).to(query.dtype)
+    if need_k:
+        gk = torch.zeros(key.shape, dtype=cd, device=key.device)
+        gk.index_put_((bidx.expand_as(index), index), -2.0 * g, accumulate=True)
+        gk = gk.to(key.dtype)
+    return gq, gk
+
+
+# ---------------------------------------------------------------------------------------------
+# custom op: what torch.compile sees (fake kernel, registered autograd; fastgen/_compile.py)
+# ---------------------------------------------------------------------------------------------
+def _select(query, key, k, backend):
+    Bsz, N, D = query.shape
+    return _dispatch.select("knn", backend, query.device.type, B=Bsz, N=N, M=key.shape[1], D=D, k=k,
+                            dtype=query.dtype, device=query.device.type)
+
+
+@_compile.op("knn_op", "(Tensor query, Tensor key, int k, str backend) -> (Tensor, Tensor)")
+def _op_forward(query, key, k, backend):
+    """query [B, N, D], key [B, M, D] (validated, one dtype) -> (dist2 [B, N, k], index [B, N, k]);
+    the backend chosen by fastgen._dispatch when the op runs."""
+    name, impl = _select(query, key, k, backend)
+    if name != "cpu":  # the C++ kernel detects NaN / inf on the way
+        _validate.check_finite("query", query)
+        _validate.check_finite("key", key)
+    with torch.no_grad():
+        d, i = impl(query, key, k)
+    # contiguous: the fake kernel cannot know a backend's layout (triton may pad rows)
+    return d.contiguous(), i.contiguous()
+
+
+@_op_forward.register_fake
+def _(query, key, k, backend):
+    B, N, _ = query.shape
+    return (query.new_empty((B, N, k), dtype=_out_dtype(query)), query.new_empty((B, N, k), dtype=torch.int64))
+
+
+def _op_setup_context(ctx, inputs, output):
+    query, key, _, _ = inputs
+    ctx.save_for_backward(query, key, output[1])
+
+
+def _op_autograd(ctx, grad_dist2, _grad_index):
+    query, key, index = ctx.saved_tensors
+    need_q, need_k = ctx.needs_input_grad[:2]
+    if grad_dist2 is None or not (need_q or need_k):
+        return None, None, None, None
+    gq, gk = _knn_grads(query, key, index, grad_dist2, need_q, need_k)
+    return gq, gk, None, None
+
+
+_op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
 
 
 def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, backend: str = "auto"):
@@ -430,6 +475,11 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, backend: str = "a
         ValueError: wrong number of dims, D or batch mismatch, empty tensors, k < 1 or k > M,
             tensors on different devices, NaN or inf in query or key, unknown backend.
         RuntimeError: a named backend that is unavailable here (with the reason).
+
+    PyTorch integration: under ``torch.compile`` the call is the custom op
+    ``torch.ops.fastgen.knn_op`` (fake kernel, registered autograd; the backend chosen when it
+    runs): ``fullgraph=True`` works. Outputs are contiguous. Deterministic: ties go to the
+    lowest index on every backend, and the key gradient is an ordered index_put.
 
     Source: exact search by certified re-ranking of candidates, as in FAISS's exact-flat
     refinement (Johnson, Douze & Jegou 2019) with a rigorous fp32 error bound (Higham 2002, 3.1).
@@ -464,6 +514,9 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, backend: str = "a
             common = torch.float32
         q3, k3 = q3.to(common), k3.to(common)
     Bsz, N, D = q3.shape
+    if _compile.is_compiling():  # one opaque custom op, the backend chosen when it runs
+        dist2, index = _op_forward(q3, k3, k, backend)
+        return (dist2[0], index[0]) if squeeze else (dist2, index)
     name, impl = _dispatch.select("knn", backend, q3.device.type, B=Bsz, N=N, M=M, D=D, k=k,
                                   dtype=q3.dtype, device=q3.device.type)
     if name != "cpu":  # the C++ kernel detects NaN / inf on the way (ValueError naming the tensor)
