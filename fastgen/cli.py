@@ -34,11 +34,19 @@ def default_config(data: str, epochs: int | None = None, seed: int = 0):
     from .imle.train import IMLEConfig
 
     if data == "digits":
+        # tuned on this CPU within the 3-minute budget (table in the issue 3 report): a wider and
+        # deeper MLP than the reference 32-512-512-64, a 5x pool re-selected every 5 epochs, and
+        # samples drawn at temperature 1.15 (z ~ N(0, 1.15^2 I))
         cfg = IMLEConfig(epochs=200, latent_dim=32, hidden=(1024, 1024, 1024), batch_size=64, lr=1e-3, lr_final=1e-3,
                          pool_factor=5, staleness=5, noise=0.01, out_act="sigmoid", temperature=1.15)
     elif data == "grid-gmm":
-        cfg = IMLEConfig(epochs=60, latent_dim=8, hidden=(256, 256), batch_size=256, lr=1e-3, lr_final=1e-4,
-                         pool_factor=10, staleness=5, noise=0.01, out_act="none", temperature=1.0)
+        # A fresh pool of 0.5 x batch candidates for every mini-batch (a shared 10x pool never
+        # moves the samples stranded between modes: the ones already on a mode win every pick),
+        # a 2-D uniform prior and a linear skip initialised to the identity (the generator starts
+        # as a spread of the data's scale, without folds); see the issue 3 report for the search.
+        cfg = IMLEConfig(epochs=1200, latent_dim=2, hidden=(256, 256), batch_size=512, lr=1e-3, lr_final=1e-3,
+                         pool_factor=0.5, per_batch=True, noise=0.0, out_act="none", prior="uniform", skip=True,
+                         temperature=1.0)
     else:
         raise ValueError(f"data must be one of {DATASETS}, got {data!r}")
     if epochs is not None:
@@ -160,7 +168,7 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
         scale = datasets.DIGITS_MAX
         n = 1000 if n_samples is None else n_samples
     else:
-        scale = 1.0
+        scale = float(split.x_train.std())          # standardised: unit variance, like the prior
         n = 2500 if n_samples is None else n_samples
     x = torch.from_numpy(split.x_train) / scale
     res = train_imle(x, cfg, progress=progress, desc=f"{method} on {data}")
@@ -271,7 +279,8 @@ def main(argv=None) -> int:
     name = a.name or f"{method}-{data}"
     out = a.out or os.path.join(a.runs_dir, name)
     overrides = {f.name: getattr(a, f.name, None) for f in dataclasses.fields(default_config(data))
-                 if f.name not in ("epochs", "seed", "hidden", "out_act")}
+                 if f.name not in ("epochs", "seed", "hidden", "out_act", "prior", "skip", "per_batch",
+                                   "select_bf16", "train_bf16")}
     m = run(method, data, out, epochs=a.epochs, seed=a.seed, n_samples=a.n_samples, progress=not a.no_progress,
             baseline=not a.no_baseline, overrides=overrides)
     print(_summary(m))

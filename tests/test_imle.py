@@ -412,3 +412,25 @@ def test_every_knn_backend_gives_the_brute_force_answer(backend):
         zr, dr = ref.select_latents(pool, gen(pool), xd, 0.5)
     assert torch.equal(z, zr)
     _close(d, dr)
+
+
+# ----------------------------------------------------------------------------- training loop pieces
+def test_prior_and_generator_pieces():
+    from fastgen.imle.train import IMLEConfig, MLPGenerator, draw_prior, train_imle
+
+    z = draw_prior("uniform", 20000, 3, torch.Generator().manual_seed(0))
+    assert z.abs().max() <= 3 ** 0.5 and abs(float(z.var()) - 1) < 0.05
+    with pytest.raises(ValueError, match="prior"):
+        draw_prior("cauchy", 4, 2)
+    g = MLPGenerator(2, 2, (8,), "none", skip=True)
+    torch.nn.init.zeros_(g.net[-1].weight)
+    torch.nn.init.zeros_(g.net[-1].bias)
+    zz = torch.randn(5, 2)
+    assert torch.equal(g(zz), zz)                        # the skip starts as the identity
+    with pytest.raises(ValueError, match="out_act"):
+        MLPGenerator(2, 2, out_act="tanh")
+    with pytest.raises(ValueError, match="select_bf16"):
+        train_imle(torch.rand(10, 2), IMLEConfig(epochs=1, select_bf16="yes"), progress=False)
+    res = train_imle(torch.rand(40, 3), IMLEConfig(epochs=3, hidden=(16,), latent_dim=4, staleness=2,
+                                                   select_bf16="off"), progress=False)
+    assert len(res.loss) == 3 and res.sampler.selections == 2 and res.sample(7).shape == (7, 3)

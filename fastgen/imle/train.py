@@ -1,6 +1,6 @@
 """A complete IMLE training loop (Li & Malik 2018) for vector data: MLP generator, latent pool
-re-selected every few epochs with :class:`IMLESampler`, Adam with a cosine learning-rate
-decay. Used by ``fastgen demo`` and ``fastgen train``.
+re-selected every few epochs (or a fresh pool per mini-batch) with :class:`IMLESampler`, Adam
+with an optional cosine learning-rate decay. Used by ``fastgen demo`` and ``fastgen train``.
 """
 from __future__ import annotations
 
@@ -16,19 +16,21 @@ from .sampler import IMLESampler
 @dataclass
 class IMLEConfig:
     """Hyper-parameters of :func:`train_imle` (defaults: the tuned digits setting)."""
-    epochs: int = 300
+    epochs: int = 200
     latent_dim: int = 32
-    hidden: tuple = (512, 512)
+    hidden: tuple = (1024, 1024, 1024)
     batch_size: int = 64
     lr: float = 1e-3
     lr_final: float = 1e-3          # cosine decay from lr to lr_final over the run
-    pool_factor: float = 10.0       # candidates per example at each re-selection
+    pool_factor: float = 5.0        # candidates per example at each re-selection
     staleness: int = 5              # epochs between re-selections
     noise: float = 0.01             # latent perturbation between re-selections (std)
     per_batch: bool = False         # fresh pool of pool_factor x batch for every mini-batch
     out_act: str = "sigmoid"        # "sigmoid" (bounded data, normalised to [0, 1]) or "none"
     rejection_radius: float = 0.0   # RS-IMLE radius in normalised units (0: plain IMLE)
-    temperature: float = 1.0        # scale of z when sampling after training
+    temperature: float = 1.15       # scale of z when sampling after training
+    train_bf16: bool = False        # training steps under bf16 autocast (fp32 weights and loss)
+    skip: bool = False              # add a linear latent -> output path to the MLP
     prior: str = "normal"           # latent prior: "normal" N(0, I) or "uniform" U[-sqrt 3, sqrt 3]^L
                                     # (unit variance; equal-area cells for well-separated modes)
     select_bf16: str = "auto"       # generator forward of the re-selection pool under bf16
@@ -45,7 +47,8 @@ class MLPGenerator(torch.nn.Module):
     """z [n, latent_dim] -> x [n, out_dim]: Linear-ReLU blocks, then a linear layer and an
     optional sigmoid (outputs in [0, 1])."""
 
-    def __init__(self, latent_dim: int, out_dim: int, hidden=(512, 512), out_act: str = "sigmoid"):
+    def __init__(self, latent_dim: int, out_dim: int, hidden=(512, 512), out_act: str = "sigmoid",
+                 skip: bool = False):
         super().__init__()
         if out_act not in ("sigmoid", "none"):
             raise ValueError(f"out_act must be 'sigmoid' or 'none', got {out_act!r}")
@@ -54,13 +57,23 @@ class MLPGenerator(torch.nn.Module):
             layers += [torch.nn.Linear(d, h), torch.nn.ReLU()]
             d = h
         layers.append(torch.nn.Linear(d, out_dim))
-        if out_act == "sigmoid":
-            layers.append(torch.nn.Sigmoid())
         self.net = torch.nn.Sequential(*layers)
+        self.skip = None
+        if skip:   # linear latent -> output path, initialised to the identity on the shared dims:
+            # with unit-variance latents and standardised data the generator starts as a spread
+            # of the data's scale (no folds), and the MLP learns the clustering on top of it
+            self.skip = torch.nn.Linear(latent_dim, out_dim, bias=False)
+            with torch.no_grad():
+                self.skip.weight.zero_()
+                self.skip.weight[:min(latent_dim, out_dim), :min(latent_dim, out_dim)].fill_diagonal_(1.0)
+        self.out_act = out_act
         self.latent_dim = latent_dim
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        h = self.net(z)
+        if self.skip is not None:
+            h = h + self.skip(z)
+        return torch.sigmoid(h) if self.out_act == "sigmoid" else h
 
 
 @dataclass
@@ -136,7 +149,7 @@ def train_imle(x: torch.Tensor, config: IMLEConfig, *, progress: bool = True, de
 
     torch.manual_seed(config.seed)
     N, D = x.shape
-    gen = MLPGenerator(config.latent_dim, D, tuple(config.hidden), config.out_act)
+    gen = MLPGenerator(config.latent_dim, D, tuple(config.hidden), config.out_act, skip=config.skip)
     if config.select_bf16 not in ("auto", "on", "off"):
         raise ValueError(f"select_bf16 must be 'auto', 'on' or 'off', got {config.select_bf16!r}")
     draw_prior(config.prior, 1, 1)   # validates the name
@@ -167,7 +180,9 @@ def train_imle(x: torch.Tensor, config: IMLEConfig, *, progress: bool = True, de
             res.select_dist2.append((ep, float(sampler.dist2.mean())))
         tot, cnt = 0.0, 0
         for z, idx in _chain(first, batches):
-            loss = ((gen(z) - x[idx]) ** 2).sum(1).mean()
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.train_bf16):
+                out = gen(z)
+            loss = ((out.float() - x[idx]) ** 2).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
