@@ -25,7 +25,9 @@ import time
 
 import numpy as np
 
-METHODS = ("imle",)
+METHODS = ("imle", "spread", "spread-vae")
+SPREAD_METHODS = ("spread", "spread-vae")
+_LABEL = {"imle": "IMLE", "spread": "spread divergence", "spread-vae": "spread VAE"}
 DATASETS = ("digits", "grid-gmm")
 
 
@@ -100,27 +102,29 @@ def plot_neighbours(samples: np.ndarray, neighbours: np.ndarray, path: str, pair
     plt.close(fig)
 
 
-def plot_loss(result, path: str):
+def plot_loss(result, path: str, ylabel: str = "squared distance (normalised units)",
+              label: str = "training loss (selected pairs)"):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(np.arange(1, len(result.loss) + 1), result.loss, lw=1, label="training loss (selected pairs)")
+    ax.plot(np.arange(1, len(result.loss) + 1), result.loss, lw=1, label=label)
     if result.select_dist2:
         e, d = zip(*result.select_dist2)
         ax.plot(np.asarray(e) + 1, d, ".", ms=3, label="mean NN dist2 at re-selection")
-    ax.set_yscale("log")
+    if min(result.loss, default=1.0) > 0:
+        ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("squared distance (normalised units)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_grid_samples(samples: np.ndarray, data: np.ndarray, centres: np.ndarray, path: str):
+def plot_grid_samples(samples: np.ndarray, data: np.ndarray, centres: np.ndarray, path: str, label: str = "IMLE samples"):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(data[:, 0], data[:, 1], s=2, c="0.7", label="data")
-    ax.scatter(samples[:, 0], samples[:, 1], s=2, c="C3", alpha=0.6, label="IMLE samples")
+    ax.scatter(samples[:, 0], samples[:, 1], s=2, c="C3", alpha=0.6, label=label)
     ax.scatter(centres[:, 0], centres[:, 1], s=12, marker="x", c="k", label="centres")
     ax.set_aspect("equal")
     ax.legend(fontsize=8, loc="upper right")
@@ -158,9 +162,16 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     t_start = time.perf_counter()
-    cfg = default_config(data, epochs, seed)
+    if method in SPREAD_METHODS:
+        from .spread.train import default_config as spread_config
+
+        cfg = spread_config(method, data, epochs, seed)
+    else:
+        cfg = default_config(data, epochs, seed)
     for k, v in (overrides or {}).items():
         if v is not None:
+            if not hasattr(cfg, k):
+                raise ValueError(f"--{k.replace('_', '-')} does not apply to method {method!r}")
             setattr(cfg, k, v)
     split = datasets.load(data, seed=seed)
     os.makedirs(out, exist_ok=True)
@@ -171,7 +182,16 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
         scale = float(split.x_train.std())          # standardised: unit variance, like the prior
         n = 2500 if n_samples is None else n_samples
     x = torch.from_numpy(split.x_train) / scale
-    res = train_imle(x, cfg, progress=progress, desc=f"{method} on {data}")
+    if method == "spread":
+        from .spread.train import train_spread
+
+        res = train_spread(x, cfg, progress=progress, desc=f"{method} on {data}")
+    elif method == "spread-vae":
+        from .spread.train import train_spread_vae
+
+        res = train_spread_vae(x, cfg, progress=progress, desc=f"{method} on {data}")
+    else:
+        res = train_imle(x, cfg, progress=progress, desc=f"{method} on {data}")
     smp = res.sample(n, seed=seed + 1234) * scale
     m: dict = {"method": method, "data": data, "n_samples": n, "train_seconds": round(res.train_seconds, 2),
                "select_seconds": round(res.select_seconds, 2), "final_loss": res.loss[-1] if res.loss else None}
@@ -189,7 +209,7 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
 
         _, nn_idx = fastgen.knn(smp.reshape(n, -1).contiguous(), torch.from_numpy(split.x_train), 1)
         plot_digit_grid(imgs[:100], os.path.join(out, "samples.png"),
-                        title=f"IMLE samples (precision {p:.2f}, recall {r:.2f})")
+                        title=f"{_LABEL[method]} samples (precision {p:.2f}, recall {r:.2f})")
         plot_neighbours(imgs, split.x_train[nn_idx[:, 0].numpy()].reshape(-1, 8, 8), os.path.join(out, "neighbours.png"))
     else:
         pts = smp.numpy().astype(np.float32)
@@ -198,8 +218,12 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
         g = metrics.grid_modes(pts, centres, datasets.GRID_STD)
         m.update(modes_covered=g["modes_covered"], n_modes=g["n_modes"],
                  high_quality_fraction=g["high_quality_fraction"], per_mode_fraction=g["per_mode"])
-        plot_grid_samples(pts, split.x_train, centres, os.path.join(out, "samples.png"))
-    plot_loss(res, os.path.join(out, "loss.png"))
+        plot_grid_samples(pts, split.x_train, centres, os.path.join(out, "samples.png"), label=f"{_LABEL[method]} samples")
+    if method in SPREAD_METHODS:
+        plot_loss(res, os.path.join(out, "loss.png"), ylabel="nats per example",
+                  label="-ELBO on spread data" if method == "spread-vae" else "spread cross-entropy -log (q*K)(y)")
+    else:
+        plot_loss(res, os.path.join(out, "loss.png"))
     m["config"] = cfg.to_dict()
     m["torch_threads"] = torch.get_num_threads()
     m["total_seconds"] = round(time.perf_counter() - t_start, 2)
@@ -210,14 +234,14 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
 
 def _summary(m: dict) -> str:
     if m["data"] == "digits":
-        s = (f"IMLE: precision {m['precision']:.3f}  recall {m['recall']:.3f}  class_coverage {m['class_coverage']}/10  "
+        s = (f"{_LABEL.get(m['method'], m['method'])}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  class_coverage {m['class_coverage']}/10  "
              f"train {m['train_seconds']:.1f} s")
         if "gaussian_mixture" in m:
             g = m["gaussian_mixture"]
             s += (f"\nGaussianMixture(40): precision {g['precision']:.3f}  recall {g['recall']:.3f}  "
                   f"class_coverage {g['class_coverage']}/10  fit {g['fit_seconds']:.1f} s")
         return s
-    return (f"IMLE: modes_covered {m['modes_covered']}/{m['n_modes']}  high_quality_fraction "
+    return (f"{_LABEL.get(m['method'], m['method'])}: modes_covered {m['modes_covered']}/{m['n_modes']}  high_quality_fraction "
             f"{m['high_quality_fraction']:.3f}  train {m['train_seconds']:.1f} s")
 
 
