@@ -7,7 +7,8 @@
     fastgen info
         Which backends this machine can run, and why any is missing.
 
-A run folder holds samples.png, loss.png, samples.npy, metrics.json and, for digits,
+A run folder holds samples.png, loss.png, samples.npy, metrics.json, model.pt (generator
+state_dict, config and the data scale) and, for digits,
 neighbours.png (samples beside their nearest training digits). Digits metrics (see
 fastgen/metrics.py): improved precision / recall (k = 3, pixel space, the test split as the
 real set), class_coverage, train_seconds, and the same metrics for a scikit-learn
@@ -224,6 +225,8 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
                   label="-ELBO on spread data" if method == "spread-vae" else "spread cross-entropy -log (q*K)(y)")
     else:
         plot_loss(res, os.path.join(out, "loss.png"))
+    torch.save({"generator": res.generator.state_dict(), "config": cfg.to_dict(), "scale": scale,
+                "data": data}, os.path.join(out, "model.pt"))
     m["config"] = cfg.to_dict()
     m["torch_threads"] = torch.get_num_threads()
     m["total_seconds"] = round(time.perf_counter() - t_start, 2)
@@ -234,14 +237,14 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
 
 def _summary(m: dict) -> str:
     if m["data"] == "digits":
-        s = (f"{_LABEL.get(m['method'], m['method'])}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  class_coverage {m['class_coverage']}/10  "
+        s = (f"{_LABEL.get(m.get('method', 'imle'), m.get('method', 'imle'))}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  class_coverage {m['class_coverage']}/10  "
              f"train {m['train_seconds']:.1f} s")
         if "gaussian_mixture" in m:
             g = m["gaussian_mixture"]
             s += (f"\nGaussianMixture(40): precision {g['precision']:.3f}  recall {g['recall']:.3f}  "
                   f"class_coverage {g['class_coverage']}/10  fit {g['fit_seconds']:.1f} s")
         return s
-    return (f"{_LABEL.get(m['method'], m['method'])}: modes_covered {m['modes_covered']}/{m['n_modes']}  high_quality_fraction "
+    return (f"{_LABEL.get(m.get('method', 'imle'), m.get('method', 'imle'))}: modes_covered {m['modes_covered']}/{m['n_modes']}  high_quality_fraction "
             f"{m['high_quality_fraction']:.3f}  train {m['train_seconds']:.1f} s")
 
 
@@ -308,7 +311,7 @@ def main(argv=None) -> int:
     m = run(method, data, out, epochs=a.epochs, seed=a.seed, n_samples=a.n_samples, progress=not a.no_progress,
             baseline=not a.no_baseline, overrides=overrides)
     print(_summary(m))
-    print(f"wrote {out}/ (metrics.json, samples.npy, samples.png, loss.png"
+    print(f"wrote {out}/ (metrics.json, samples.npy, samples.png, loss.png, model.pt"
           f"{', neighbours.png' if data == 'digits' else ''})")
     return 0
 
