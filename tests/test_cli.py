@@ -12,7 +12,7 @@ def test_train_grid_gmm_writes_run_folder(tmp_path, capsys):
     out = tmp_path / "grid"
     assert cli.main(["train", "--method", "imle", "--data", "grid-gmm", "--epochs", "3", "--seed", "1",
                      "--n-samples", "500", "--no-progress", "--out", str(out)]) == 0
-    for f in ("samples.png", "loss.png", "samples.npy", "metrics.json"):
+    for f in ("samples.png", "loss.png", "samples.npy", "metrics.json", "model.pt"):
         assert (out / f).stat().st_size > 0, f
     m = json.loads((out / "metrics.json").read_text())
     assert 0 <= m["modes_covered"] <= 25 and m["n_modes"] == 25
@@ -27,7 +27,7 @@ def test_tiny_digits_run(tmp_path):
     out = tmp_path / "digits"
     assert cli.main(["train", "--data", "digits", "--epochs", "2", "--pool-factor", "2", "--no-progress",
                      "--out", str(out)]) == 0
-    for f in ("samples.png", "neighbours.png", "loss.png", "samples.npy", "metrics.json"):
+    for f in ("samples.png", "neighbours.png", "loss.png", "samples.npy", "metrics.json", "model.pt"):
         assert (out / f).stat().st_size > 0, f
     x = np.load(out / "samples.npy")
     assert x.shape == (1000, 8, 8) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 16

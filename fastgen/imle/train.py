@@ -28,7 +28,7 @@ class IMLEConfig:
     per_batch: bool = False         # fresh pool of pool_factor x batch for every mini-batch
     out_act: str = "sigmoid"        # "sigmoid" (bounded data, normalised to [0, 1]) or "none"
     rejection_radius: float = 0.0   # RS-IMLE radius in normalised units (0: plain IMLE)
-    temperature: float = 1.15       # scale of z when sampling after training
+    temperature: float = 1.22       # scale of z when sampling after training
     train_bf16: bool = False        # training steps under bf16 autocast (fp32 weights and loss)
     skip: bool = False              # add a linear latent -> output path to the MLP
     prior: str = "normal"           # latent prior: "normal" N(0, I) or "uniform" U[-sqrt 3, sqrt 3]^L
