@@ -56,6 +56,17 @@ def main(argv=None):
 
         t_gen = bench(gen_only, device=dev, rep_ms=rep_ms, min_reps=3)
         rec.add(case, "generator", "float32", "fwd", t_gen, note=f"MLP {lat}-512-512-{d}, chunks of {bs}")
+        from fastgen.imle.train import _Autocast, native_bf16
+
+        gen_bf16 = _Autocast(gen) if native_bf16(dev) else None
+        if gen_bf16 is not None:     # what `fastgen demo` runs on CPUs with native bf16 (AVX512-BF16 / AMX)
+            def gen_bf16_only():
+                with torch.no_grad():
+                    for z in chunks:
+                        gen_bf16(z)
+
+            t_gen16 = bench(gen_bf16_only, device=dev, rep_ms=rep_ms, min_reps=3)
+            rec.add(case, "generator[bf16 autocast]", "bfloat16", "fwd", t_gen16, note="as in fastgen demo")
         name, _ = _dispatch.select("knn", "auto", dev.type)
         backends = [name] + [b for b in ("cpu", "faiss", "torch", "triton", "cuda")
                              if b != name and _dispatch.unavailable_reason("knn", b, dev.type) is None]
@@ -78,6 +89,17 @@ def main(argv=None):
             frac = t_nn[b]["median_ms"] / (t_nn[b]["median_ms"] + t_gen["median_ms"])
             rec.add(case, f"select_latents[{b}]", "float32", "fwd", t_full,
                     note=f"NN share {100 * frac:.0f}% (knn / (knn + generator)); target <= 30%")
+        if gen_bf16 is not None:
+            b = backends[0]
+
+            def full16():
+                fastgen.imle.select_latents(gen_bf16, data, pool_size=pool, latent_dim=lat, batch_size=bs,
+                                            rng=torch.Generator(device=dev).manual_seed(1), backend=b)
+
+            t_full16 = bench(full16, device=dev, rep_ms=rep_ms, min_reps=3)
+            frac = t_nn[b]["median_ms"] / (t_nn[b]["median_ms"] + t_gen16["median_ms"])
+            rec.add(case, f"select_latents[{b}, bf16 generator]", "bfloat16", "fwd", t_full16,
+                    note=f"NN share {100 * frac:.0f}%; target <= 30%")
     rec.save()
 
 
