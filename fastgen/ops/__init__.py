@@ -1,7 +1,3 @@
 """One module per op: Triton kernels, autograd Functions and backend registrations."""
-from . import gaussian_nll, imle_loss, knn, spread_log_likelihood, spread_noise  # noqa: F401
-
-try:  # the Triton kNN registers itself; absent module (being written) must not break import
-    from . import knn_triton  # noqa: F401
-except ImportError:
-    pass
+# knn_triton registers the "triton" kNN backend; it imports triton lazily (import works without it).
+from . import gaussian_nll, imle_loss, knn, knn_triton, spread_log_likelihood, spread_noise  # noqa: F401
