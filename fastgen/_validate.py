@@ -31,6 +31,17 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     return dev
 
 
+def capturing(x: torch.Tensor) -> bool:
+    """True while ``x``'s device stream is being captured into a CUDA graph: no host read of a
+    device value is allowed then (it would end the capture with an error)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """bool [..., N] for x [..., N, D]: rows holding NaN or inf (a device tensor, no host read)."""
+    return ~torch.isfinite(x).all(-1)
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
     """Raise ValueError if x holds NaN or inf. Costs one reduction and a host read: call it on
     user-facing paths where a silent wrong answer is worse (knn), not in fused hot loops."""

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from .._validate import check_reduction, check_same_device, check_tensor, check_finite
+from .. import _compile
+from .._validate import capturing, check_finite, check_reduction, check_same_device, check_tensor, nonfinite_rows
 
 # RS-IMLE: the first knn call asks for this many neighbours; examples whose K nearest are all
 # rejected are searched again with K multiplied by _RS_GROWTH, up to every sample (exact).
@@ -143,6 +144,43 @@ def _as_batched(samples, data, conditional):
     return samples.reshape(1, samples.shape[0], D), data.reshape(1, data.shape[0], D), (data.shape[0],)
 
 
+# ---------------------------------------------------------------------------------------------
+# custom op: what torch.compile sees (the data-dependent neighbour search is one opaque node)
+# ---------------------------------------------------------------------------------------------
+@_compile.op("imle_nearest", "(Tensor data, Tensor samples, float rejection_radius, str backend) -> (Tensor, Tensor)")
+def _op_nearest(data, samples, rejection_radius, backend):
+    """data [B, N, D], samples [B, S, D] (one dtype, no grad) -> (index int64 [B, N] of the
+    nearest eligible sample, found bool [B, N]); finite inputs checked here (except while a
+    CUDA graph is captured: see :func:`_checked_nearest`)."""
+    index, found, _ = _checked_nearest(data, samples, rejection_radius, backend)
+    return index, found
+
+
+def _checked_nearest(data, samples, r, backend):
+    """(index [B, N], found [B, N], bad): NaN / inf inputs raise ValueError naming them. While
+    a CUDA graph is being captured no host read is allowed: ``bad`` is then the device mask
+    [B, N] of examples whose loss is undefined (a non-finite example, or any non-finite sample
+    of its condition), which the caller turns into NaN; else None. RS-IMLE's widening search
+    reads the device, so it cannot be captured (RuntimeError)."""
+    bad = None
+    if capturing(samples):
+        if r > 0:
+            raise RuntimeError("imle_loss with rejection_radius > 0 (RS-IMLE) cannot be captured in a CUDA graph: "
+                               "its search widens on the host for the examples still pending")
+        bad = nonfinite_rows(data) | nonfinite_rows(samples).any(-1, keepdim=True)
+    else:
+        check_finite("samples", samples)
+        check_finite("data", data)
+    _, index, found, _, _ = nearest_eligible(data, samples, r, backend=backend)
+    return index, found, bad
+
+
+@_op_nearest.register_fake
+def _(data, samples, rejection_radius, backend):
+    B, N, _ = data.shape
+    return data.new_empty((B, N), dtype=torch.int64), data.new_empty((B, N), dtype=torch.bool)
+
+
 def imle_loss(samples: torch.Tensor, data: torch.Tensor, *, conditional: bool = False,
               rejection_radius: float = 0.0, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
     """IMLE loss: mean over data examples of the squared distance to their nearest sample.
@@ -177,6 +215,13 @@ def imle_loss(samples: torch.Tensor, data: torch.Tensor, *, conditional: bool = 
     Neighbour choice: exact (fastgen.knn); ties go to the lowest sample index. With
     rejection_radius > 0 the K = 8 nearest samples are searched first and the search widens
     (x4) for the examples whose K nearest are all rejected, until every sample is covered.
+
+    PyTorch integration: under ``torch.compile`` the neighbour search (data-dependent for
+    RS-IMLE) is the custom op ``torch.ops.fastgen.imle_nearest`` (no gradient: it returns
+    indices); the loss around it is traced, so ``fullgraph=True`` works. The finite-input check
+    runs inside that op. With ``rejection_radius=0`` the call can be captured in a CUDA graph
+    (no host read: the search is :func:`fastgen.knn`'s capture path); non-finite inputs then
+    give a NaN loss instead of the ValueError. RS-IMLE cannot be captured (RuntimeError).
     """
     check_tensor("samples", samples)
     check_tensor("data", data)
@@ -190,15 +235,21 @@ def imle_loss(samples: torch.Tensor, data: torch.Tensor, *, conditional: bool = 
     if x.dtype != s.dtype:
         x = x.to(s.dtype)
     x = x.detach()
-    check_finite("samples", s.detach())
-    check_finite("data", x)
-    _, index, found, _, _ = nearest_eligible(x, s.detach(), r, backend=backend)
+    bad = None
+    if _compile.is_compiling():  # the search is one custom op: no graph break
+        index, found = _op_nearest(x, s.detach(), r, backend)
+        if s.is_cuda and r == 0:  # the op cannot raise while a CUDA graph (reduce-overhead) is captured
+            bad = nonfinite_rows(x) | nonfinite_rows(s.detach()).any(-1, keepdim=True)
+    else:
+        index, found, bad = _checked_nearest(x, s.detach(), r, backend)
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     picked = torch.gather(s, 1, index[..., None].expand(-1, -1, s.shape[-1]))   # [B, N, D]
     diff = x.to(acc) - picked.to(acc)
     per = (diff * diff).sum(-1)
     if r > 0:
         per = torch.where(found, per, torch.zeros_like(per))
+    if bad is not None:
+        per = torch.where(bad, torch.full_like(per, float("nan")), per)
     per = per.reshape(out_shape)
     if reduction == "mean":
         out = per.mean()

@@ -415,13 +415,31 @@ def _op_forward(query, key, k, backend):
     """query [B, N, D], key [B, M, D] (validated, one dtype) -> (dist2 [B, N, k], index [B, N, k]);
     the backend chosen by fastgen._dispatch when the op runs."""
     name, impl = _select(query, key, k, backend)
-    if name != "cpu":  # the C++ kernel detects NaN / inf on the way
-        _validate.check_finite("query", query)
-        _validate.check_finite("key", key)
+    check = _check_finite_inputs(name, query, key)
     with torch.no_grad():
         d, i = impl(query, key, k)
     # contiguous: the fake kernel cannot know a backend's layout (triton may pad rows)
-    return d.contiguous(), i.contiguous()
+    return _poison(d, check).contiguous(), i.contiguous()
+
+
+def _check_finite_inputs(name, query, key):
+    """ValueError naming the tensor for NaN / inf input (the C++ kernel detects them on the way).
+    While a CUDA graph is being captured no host read is allowed: returns instead the device
+    mask [B, N] of the queries whose result is undefined (a non-finite query row, or any
+    non-finite key of its batch), for :func:`_poison`."""
+    if _validate.capturing(query):
+        return _validate.nonfinite_rows(query) | _validate.nonfinite_rows(key).any(-1, keepdim=True)
+    if name != "cpu":
+        _validate.check_finite("query", query)
+        _validate.check_finite("key", key)
+    return None
+
+
+def _poison(dist2, bad):
+    """dist2 [B, N, k] with NaN in the rows flagged by ``bad`` (CUDA-graph capture only)."""
+    if bad is None:
+        return dist2
+    return torch.where(bad[..., None], torch.full_like(dist2, float("nan")), dist2)
 
 
 @_op_forward.register_fake
@@ -473,7 +491,9 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, backend: str = "a
     Raises:
         TypeError: query / key not tensors or not floating point; k not an int; backend not a str.
         ValueError: wrong number of dims, D or batch mismatch, empty tensors, k < 1 or k > M,
-            tensors on different devices, NaN or inf in query or key, unknown backend.
+            tensors on different devices, NaN or inf in query or key, unknown backend. While a
+            CUDA graph is being captured the NaN / inf check cannot read the device: the rows
+            whose query (or any key of their batch) is non-finite get NaN dist2 instead.
         RuntimeError: a named backend that is unavailable here (with the reason).
 
     PyTorch integration: under ``torch.compile`` the call is the custom op
@@ -519,10 +539,10 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, backend: str = "a
         return (dist2[0], index[0]) if squeeze else (dist2, index)
     name, impl = _dispatch.select("knn", backend, q3.device.type, B=Bsz, N=N, M=M, D=D, k=k,
                                   dtype=q3.dtype, device=q3.device.type)
-    if name != "cpu":  # the C++ kernel detects NaN / inf on the way (ValueError naming the tensor)
-        _validate.check_finite("query", q3)
-        _validate.check_finite("key", k3)
+    bad = _check_finite_inputs(name, q3, k3)
     dist2, index = _KNN.apply(q3, k3, k, impl)
+    if bad is not None:
+        dist2 = _poison(dist2, bad)
     if squeeze:
         return dist2[0], index[0]
     return dist2, index

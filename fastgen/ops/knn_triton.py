@@ -885,6 +885,11 @@ def _tier_local(query, key, mu, flags, d_out, i_out, ek, k, C, precision, sub, _
     flags[:, N] = 0
 
 
+def _graph_capture(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 @_dispatch.register("knn", "triton")
 def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candidates: int | None = None,
                _split: int | None = None, _precision: str | None = None, _tiers: bool = False,
@@ -943,8 +948,14 @@ def knn_triton(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, _n_candida
     # 4. certificate; the queries it cannot settle go to tiers 2, 3, 4
     flags[:, :N] = ~(lb > ek * (1.0 + (D + 8) * 2 * _U64))
     tier = torch.where(flags[:, :N] == 0, 1, 4).to(torch.int32) if _tiers else None
-    # the one host synchronisation: how many queries tier 1 left (per batch, the largest)
-    n_left = int(flags.sum(1).max())
+    # the one host synchronisation: how many queries tier 1 left (per batch, the largest), to
+    # size tier 2. While a CUDA graph is being captured no host read is allowed: tiers 2-4 then
+    # run over every row (the kernels skip rows whose flag is 0), so the graph is exact for any
+    # input at the cost of the full-size tier-2 grouping.
+    if _graph_capture(device):
+        n_left = N
+    else:
+        n_left = int(flags.sum(1).max())
     if n_left:
         if _local:
             sub = torch.sort((flags[:, :N] != 1).to(torch.int8), dim=1, stable=True).indices[:, :n_left]
