@@ -596,3 +596,32 @@ def test_gpu_cuda_graph_knn_imle_loss():
         data[3, 5] = float("nan")
     graph.replay()
     assert torch.isnan(static[1][3]).all() and torch.isnan(static[0])
+
+
+@pytest.mark.parametrize("backend", KNN_BACKENDS)
+def test_deterministic_knn_imle_loss(backend):
+    """torch.use_deterministic_algorithms(True): knn (ties on duplicated keys) and imle_loss
+    (plain, RS-IMLE, conditional) give bitwise the same values, indices and gradients twice,
+    on every knn backend."""
+    torch.manual_seed(0)
+    n, m = (12, 30) if backend == "triton" else (200, 600)
+    data = torch.randn(n, 8) + 50.0
+    smp = torch.randn(m, 8) + 50.0
+    smp[m // 2:] = smp[: m - m // 2]  # every sample duplicated: ties everywhere
+    smp.requires_grad_()
+
+    def run():
+        d, i = fastgen.knn(data, smp, 3, backend=backend)
+        loss = (fastgen.imle_loss(smp, data, backend=backend)
+                + fastgen.imle_loss(smp, data, rejection_radius=1.0, backend=backend)
+                + fastgen.imle_loss(smp.reshape(2, m // 2, 8), data[:2], conditional=True, backend=backend))
+        return [d, i, loss] + list(torch.autograd.grad(loss + d.sum(), [smp]))
+
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _twice(run)
+        d, i = run()[:2]
+        assert bool((i[:, 0] < m // 2).all())  # ties -> the lowest index
+    finally:
+        torch.use_deterministic_algorithms(prev)
