@@ -319,6 +319,20 @@ def test_autocast_dtypes():
     torch.testing.assert_close(l_half.double(), exact_b, rtol=8e-3, atol=0)  # one bf16 rounding of the result
     want = fastgen.spread_log_likelihood(m64, tgt.bfloat16().double(), 0.8)
     torch.testing.assert_close(ll.double(), want, rtol=1e-5, atol=1e-4)
+    # knn and imle_loss: bf16 samples from the autocast region against fp32 data
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        smp = lin(torch.randn(40, 8))[:, :8]
+        d, i = fastgen.knn(tgt, smp, 2)
+        il = fastgen.imle_loss(smp, tgt)
+    assert smp.dtype == torch.bfloat16 and d.dtype == torch.float32 and i.dtype == torch.int64
+    assert il.dtype == torch.bfloat16                                       # samples' dtype
+    from fastgen.reference.knn import knn as ref_knn
+
+    rd, ri = ref_knn(tgt.double(), smp.double(), 2)        # on the bf16 values, exactly
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(d.double(), rd, rtol=2e-7, atol=1e-6)
+    want_il = ((tgt.bfloat16().double() - smp.double()[ri[:, 0]]) ** 2).sum(1).mean()
+    torch.testing.assert_close(il.double(), want_il, rtol=8e-3, atol=0)
 
 
 def _twice(fn):
