@@ -395,6 +395,23 @@ def _gpu_step(x, t, v, smp):
     return (loss,) + torch.autograd.grad(loss, [x, v, smp])
 
 
+def _capture(step, seed=None):
+    """Warm ``step`` up on a side stream (Triton compiles, the extension loads), then capture it
+    in a CUDA graph; returns (graph, the static outputs)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.cuda.graph(graph):
+        static = step()
+    return graph, static
+
+
 @pytest.mark.gpu
 def test_gpu_no_host_sync():
     args = _gpu_inputs()
@@ -413,16 +430,7 @@ def test_gpu_cuda_graph_capture():
     spread_log_likelihood captured in one CUDA graph; replays match eager (spread_noise's seed is
     drawn when captured, so the replay repeats that noise: compare with the same seed)."""
     args = _gpu_inputs()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            _gpu_step(*args)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    torch.manual_seed(11)
-    with torch.cuda.graph(graph):
-        static = _gpu_step(*args)
+    graph, static = _capture(lambda: _gpu_step(*args), seed=11)
     with torch.no_grad():
         args[0].add_(0.01)  # new input values, same buffers
     graph.replay()
@@ -483,28 +491,6 @@ def test_knn_opcheck_and_custom_op_path(backend):
     assert op(qf, qf, 1, backend)[0].dtype == torch.float32
 
 
-def test_fullgraph_knn_step():
-    """knn (forward and its gradient) in a fullgraph-compiled step (aot_eager); values and
-    gradients equal eager."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(3, 4).double()
-    z, data = torch.randn(10, 3, dtype=F64), torch.randn(6, 4, dtype=F64)
-
-    def f(z, data):
-        x = lin(z)
-        d2, idx = fastgen.knn(data, x, 2)
-        d1, _ = fastgen.knn(x.reshape(2, 5, 4), data.reshape(2, 3, 4), 1)
-        return d2.sum() + d1.mean() + idx.sum() * 0
-
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got = cf(z, data)
-    gg = torch.autograd.grad(got, [lin.weight])
-    want = f(z, data)
-    gw = torch.autograd.grad(want, [lin.weight])
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gg[0], gw[0], rtol=1e-10, atol=1e-12)
-
-
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
     not has_ext_kernel("knn"), reason="fastgen._C not built"))])
 def test_imle_nearest_opcheck(backend):
@@ -521,17 +507,19 @@ def test_imle_nearest_opcheck(backend):
 
 
 def test_fullgraph_knn_imle_step():
-    """knn and imle_loss (plain, conditional, RS-IMLE) in one fullgraph-compiled step
-    (aot_eager); values and gradients equal eager."""
+    """knn (2-D and batched, forward and gradient) and imle_loss (plain, conditional, RS-IMLE)
+    in one fullgraph-compiled step (aot_eager); values and gradients equal eager."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 4).double()
     z, data = torch.randn(10, 3, dtype=F64), torch.randn(6, 4, dtype=F64)
 
     def f(z, data):
         x = lin(z)
-        d2, _ = fastgen.knn(data, x, 2)
+        d2, idx = fastgen.knn(data, x, 2)
+        d1, _ = fastgen.knn(x.reshape(2, 5, 4), data.reshape(2, 3, 4), 1)    # batched
         return (fastgen.imle_loss(x, data) + fastgen.imle_loss(x, data, rejection_radius=0.5, reduction="sum")
-                + fastgen.imle_loss(x.reshape(2, 5, 4), data[:2], conditional=True) + d2.sum())
+                + fastgen.imle_loss(x.reshape(2, 5, 4), data[:2], conditional=True) + d2.sum() + d1.mean()
+                + idx.sum() * 0)
 
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = cf(z, data)
@@ -590,15 +578,7 @@ def test_gpu_cuda_graph_knn_imle_loss():
         loss = fastgen.imle_loss(smp, data) + d.mean()
         return (loss, d, i) + torch.autograd.grad(loss, [smp])
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = _capture(step)
     with torch.no_grad():
         smp.add_(1e-2 * torch.randn_like(smp))
     graph.replay()
