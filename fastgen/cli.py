@@ -2,13 +2,15 @@
 
     fastgen demo  [--name demo] [--epochs N] [--seed S] ...
         IMLE on the scikit-learn digits on CPU (a few minutes on 2 cores); writes runs/<name>/.
-    fastgen train --method imle --data digits|grid-gmm [--epochs N --seed S --out DIR ...]
-        The same loop on either dataset.
+    fastgen train --method imle|rs-imle|adaptive-imle|spread|spread-vae --data digits|grid-gmm
+                  [--epochs N --seed S --out DIR --resume ...]
+        Any method on either dataset, the same run folder and metrics.
     fastgen info
         Which backends this machine can run, and why any is missing.
 
 A run folder holds samples.png, loss.png, samples.npy, metrics.json, model.pt (generator
-state_dict, config and the data scale) and, for digits,
+state_dict, config and the data scale), for the IMLE methods checkpoint.pt (everything needed
+to continue: ``--resume``; written every ``--checkpoint-every`` epochs) and, for digits,
 neighbours.png (samples beside their nearest training digits). Digits metrics (see
 fastgen/metrics.py): improved precision / recall (k = 3, pixel space, the test split as the
 real set), class_coverage, train_seconds, and the same metrics for a scikit-learn
@@ -26,16 +28,27 @@ import time
 
 import numpy as np
 
-METHODS = ("imle", "spread", "spread-vae")
+# the methods of ``fastgen train``; a new method adds its name here, a label, and a branch in
+# run() (a trainer returning an object with generator, loss, select_dist2, train_seconds,
+# select_seconds and sample(n, seed=))
+IMLE_METHODS = ("imle", "rs-imle", "adaptive-imle")
 SPREAD_METHODS = ("spread", "spread-vae")
-_LABEL = {"imle": "IMLE", "spread": "spread divergence", "spread-vae": "spread VAE"}
+METHODS = IMLE_METHODS + SPREAD_METHODS
+_LABEL = {"imle": "IMLE", "rs-imle": "RS-IMLE", "adaptive-imle": "Adaptive IMLE", "spread": "spread divergence",
+          "spread-vae": "spread VAE"}
 DATASETS = ("digits", "grid-gmm")
+CHECKPOINT = "checkpoint.pt"
+# RS-IMLE rejection radius (Euclidean, normalised units: digits pixels / 16, grid-gmm / data std)
+RS_RADIUS = {"digits": 0.5, "grid-gmm": 0.05}
 
 
-def default_config(data: str, epochs: int | None = None, seed: int = 0):
-    """The tuned IMLEConfig for ``data`` (see the report of issue 3 for the tuning table)."""
+def default_config(data: str, epochs: int | None = None, seed: int = 0, method: str = "imle"):
+    """The tuned IMLEConfig of ``method`` (an IMLE method) for ``data`` (see the report of issue 3
+    for the tuning table of plain IMLE; rs-imle and adaptive-imle start from the same setting)."""
     from .imle.train import IMLEConfig
 
+    if method not in IMLE_METHODS:
+        raise ValueError(f"method must be one of {IMLE_METHODS}, got {method!r}")
     if data == "digits":
         # tuned on this CPU within the 3-minute budget (table in the issue 3 report): a wider and
         # deeper MLP than the reference 32-512-512-64, a 5x pool re-selected every 5 epochs, and
@@ -53,6 +66,16 @@ def default_config(data: str, epochs: int | None = None, seed: int = 0):
                          temperature=1.0)
     else:
         raise ValueError(f"data must be one of {DATASETS}, got {data!r}")
+    cfg.method = method
+    if method == "rs-imle":
+        cfg.rejection_radius = RS_RADIUS[data]
+    elif method == "adaptive-imle":
+        # per-example state over a shared pool (a fresh pool per mini-batch has no per-example
+        # latents to keep); thresholds tightened by 2 % per re-selection, forced after 15 epochs
+        cfg.per_batch = False
+        cfg.gamma, cfg.max_age = 0.02, 15
+        if data == "grid-gmm":
+            cfg.pool_factor, cfg.staleness = 10, 5
     if epochs is not None:
         cfg.epochs = epochs
     cfg.seed = seed
@@ -153,8 +176,13 @@ def _gmm_baseline(split, n: int, seed: int, clf) -> dict:
 
 
 def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: int = 0, n_samples: int | None = None,
-        progress: bool = True, baseline: bool = True, overrides: dict | None = None) -> dict:
-    """Train ``method`` on ``data``, write the run folder ``out``; returns the metrics dict."""
+        progress: bool = True, baseline: bool = True, overrides: dict | None = None, checkpoint_every: int = 20,
+        resume: bool = False) -> dict:
+    """Train ``method`` on ``data``, write the run folder ``out``; returns the metrics dict.
+
+    IMLE methods save ``out/checkpoint.pt`` every ``checkpoint_every`` epochs (0: never);
+    ``resume=True`` continues from it (its config is reused; ``epochs`` and ``overrides``
+    given here must agree with it, except epochs and temperature)."""
     import torch
 
     from . import data as datasets
@@ -168,8 +196,22 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
         from .spread.train import default_config as spread_config
 
         cfg = spread_config(method, data, epochs, seed)
+        if resume:
+            raise ValueError(f"resume applies to the IMLE methods {IMLE_METHODS}, not {method!r}")
     else:
-        cfg = default_config(data, epochs, seed)
+        cfg = default_config(data, epochs, seed, method)
+        ck_path = os.path.join(out, CHECKPOINT)
+        if resume and os.path.exists(ck_path):
+            from .imle.train import IMLEConfig, load_checkpoint
+
+            saved = load_checkpoint(ck_path)["config"]
+            saved["hidden"] = tuple(saved["hidden"])
+            cfg = IMLEConfig(**saved)
+            if saved["method"] != method or saved["seed"] != seed:
+                raise ValueError(f"--resume: {ck_path} holds a run of method {saved['method']!r} seed {saved['seed']}, "
+                                 f"not {method!r} seed {seed}")
+            if epochs is not None:
+                cfg.epochs = epochs
     for k, v in (overrides or {}).items():
         if v is not None:
             if not hasattr(cfg, k):
@@ -193,10 +235,15 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
 
         res = train_spread_vae(x, cfg, progress=progress, desc=f"{method} on {data}")
     else:
-        res = train_imle(x, cfg, progress=progress, desc=f"{method} on {data}")
+        res = train_imle(x, cfg, progress=progress, desc=f"{method} on {data}", checkpoint=ck_path,
+                         checkpoint_every=checkpoint_every, resume=resume)
     smp = res.sample(n, seed=seed + 1234) * scale
     m: dict = {"method": method, "data": data, "n_samples": n, "train_seconds": round(res.train_seconds, 2),
                "select_seconds": round(res.select_seconds, 2), "final_loss": res.loss[-1] if res.loss else None}
+    if getattr(res, "start_epoch", 0):
+        m["resumed_from_epoch"] = res.start_epoch
+    if getattr(res, "reselected", None):
+        m["reselected_fraction"] = [[e, round(c / x.shape[0], 4)] for e, c in res.reselected]
     if data == "digits":
         smp = smp.clamp(0, scale)
         imgs = smp.reshape(n, 8, 8).numpy().astype(np.float32)
@@ -262,9 +309,13 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--no-baseline", action="store_true", help="skip the GaussianMixture baseline (digits)")
     for name, typ in (("latent-dim", int), ("pool-factor", float), ("staleness", int), ("noise", float),
                       ("lr", float), ("lr-final", float), ("batch-size", int), ("rejection-radius", float),
-                      ("temperature", float)):
+                      ("temperature", float), ("gamma", float), ("max-age", int), ("proj-dim", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the tuned hyper-parameter")
     p.add_argument("--hidden", type=_hidden, default=None, help="MLP hidden sizes, e.g. 1024,1024,1024")
+    p.add_argument("--checkpoint-every", type=int, default=20,
+                   help=f"IMLE methods: save <out>/{CHECKPOINT} every N epochs (0: never; default 20)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"IMLE methods: continue from <out>/{CHECKPOINT} (its config; --epochs may extend it)")
 
 
 def _hidden(text: str) -> tuple:
@@ -317,13 +368,18 @@ def main(argv=None) -> int:
     method, data = ("imle", "digits") if a.cmd == "demo" else (a.method, a.data)
     name = a.name or f"{method}-{data}"
     out = a.out or os.path.join(a.runs_dir, name)
+    if a.checkpoint_every < 0:
+        raise SystemExit(f"fastgen: --checkpoint-every must be >= 0, got {a.checkpoint_every}")
+    if a.resume and method not in IMLE_METHODS:
+        raise SystemExit(f"fastgen: --resume applies to the IMLE methods {IMLE_METHODS}, not {method!r}")
     overrides = {f.name: getattr(a, f.name, None) for f in dataclasses.fields(default_config(data))
-                 if f.name not in ("epochs", "seed", "out_act", "prior", "skip", "per_batch",
+                 if f.name not in ("method", "epochs", "seed", "out_act", "prior", "skip", "per_batch",
                                    "select_bf16", "train_bf16")}
     m = run(method, data, out, epochs=a.epochs, seed=a.seed, n_samples=a.n_samples, progress=not a.no_progress,
-            baseline=not a.no_baseline, overrides=overrides)
+            baseline=not a.no_baseline, overrides=overrides, checkpoint_every=a.checkpoint_every, resume=a.resume)
     print(_summary(m))
     print(f"wrote {out}/ (metrics.json, samples.npy, samples.png, loss.png, model.pt"
+          f"{(', ' + CHECKPOINT) if method in IMLE_METHODS and a.checkpoint_every else ''}"
           f"{', neighbours.png' if data == 'digits' else ''})")
     return 0
 
