@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Recorder, bench, parser, quantiles
+from bench.harness import Recorder, bench, bench_backward, parser
 
 import fastgen
 from fastgen import _dispatch
@@ -26,37 +26,6 @@ from fastgen.reference.gaussian_nll import nll_formula
 
 def _formula(x, t, v):
     return nll_formula(x, t, v, False, 1e-6, "mean")
-
-
-def _bench_bwd(make_loss, params, device, rep_ms: float, min_reps: int = 5, max_reps: int = 200) -> dict:
-    """Time loss.backward() alone: the forward runs untimed before every repetition."""
-    device = torch.device(device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-    def once(timed: bool):
-        for p in params:
-            p.grad = None
-        loss = make_loss()
-        sync()
-        if device.type == "cuda":
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            loss.backward()
-            e.record()
-            torch.cuda.synchronize(device)
-            return s.elapsed_time(e), (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        t0 = time.perf_counter()
-        loss.backward()
-        return (time.perf_counter() - t0) * 1e3, float("nan")
-
-    est, peak = once(False)
-    once(False)
-    n = int(min(max_reps, max(min_reps, rep_ms / max(est, 1e-3))))
-    times = [once(True)[0] for _ in range(n)]
-    med, p20, p80 = quantiles(times)
-    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "reps": n, "peak_mem_mib": peak}
 
 
 def main(argv=None) -> int:
@@ -128,7 +97,7 @@ def main(argv=None) -> int:
                     if mode == "fwd":
                         tm = bench(fwd, device=device, rep_ms=rep_ms)
                     elif mode == "bwd":
-                        tm = _bench_bwd(fwd, [x, v], device, rep_ms)
+                        tm = bench_backward(fwd, [x, v], device=device, rep_ms=rep_ms)
                     else:
                         tm = bench(fwd_bwd, device=device, rep_ms=rep_ms, grad_to_none=[x, v])
                     x.grad = v.grad = None

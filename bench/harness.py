@@ -123,6 +123,43 @@ def bench(fn: Callable[[], object], *, device="cpu", warmup_ms: float = 25.0, re
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "reps": n_rep, "peak_mem_mib": peak}
 
 
+def bench_backward(make_out: Callable[[], torch.Tensor], params, *, device="cpu", rep_ms: float = 100.0,
+                   min_reps: int = 5, max_reps: int = 200) -> dict:
+    """Time ``out.backward(ones)`` alone: ``make_out()`` (the forward) runs untimed before every
+    repetition, with the gradients of ``params`` reset. Same keys as :func:`bench`; peak memory
+    is the backward's, over what the forward left allocated (CUDA only, NaN on CPU)."""
+    device = torch.device(device)
+    grad = None
+
+    def once():
+        nonlocal grad
+        for p in params:
+            p.grad = None
+        out = make_out()
+        if grad is None:
+            grad = torch.ones_like(out)
+        _sync(device)
+        if device.type == "cuda":
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            out.backward(grad)
+            e.record()
+            torch.cuda.synchronize(device)
+            return s.elapsed_time(e), (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        t0 = time.perf_counter()
+        out.backward(grad)
+        return (time.perf_counter() - t0) * 1e3, float("nan")
+
+    est, peak = once()
+    once()
+    n = int(min(max_reps, max(min_reps, rep_ms / max(est, 1e-3))))
+    times = [once()[0] for _ in range(n)]
+    med, p20, p80 = quantiles(times)
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "reps": n, "peak_mem_mib": peak}
+
+
 class Recorder:
     """Collects rows and appends them to ``<outdir>/<device>.csv``; prints each row."""
 

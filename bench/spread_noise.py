@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.harness import Recorder, bench, parser, quantiles
+from bench.harness import Recorder, bench, bench_backward, parser
 
 import fastgen
 from fastgen import _dispatch
@@ -24,41 +24,6 @@ from fastgen import _dispatch
 
 def _eager(x, s):
     return x + s * torch.randn_like(x)
-
-
-def _bench_bwd(make_out, params, device, rep_ms: float, min_reps: int = 5, max_reps: int = 200) -> dict:
-    """Time y.backward(g) alone: the forward runs untimed before every repetition."""
-    device = torch.device(device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    grad = None
-
-    def once():
-        nonlocal grad
-        for p in params:
-            p.grad = None
-        y = make_out()
-        if grad is None:
-            grad = torch.ones_like(y)
-        sync()
-        if device.type == "cuda":
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            y.backward(grad)
-            e.record()
-            torch.cuda.synchronize(device)
-            return s.elapsed_time(e), (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        t0 = time.perf_counter()
-        y.backward(grad)
-        return (time.perf_counter() - t0) * 1e3, float("nan")
-
-    est, peak = once()
-    once()
-    n = int(min(max_reps, max(min_reps, rep_ms / max(est, 1e-3))))
-    times = [once()[0] for _ in range(n)]
-    med, p20, p80 = quantiles(times)
-    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "reps": n, "peak_mem_mib": peak}
 
 
 def _check(x, s, kind, device) -> float:
@@ -110,7 +75,7 @@ def main(argv=None) -> int:
                     with torch.no_grad():
                         tm = bench(lambda: fn(x, s), device=device, rep_ms=rep_ms)
                 elif mode == "bwd":
-                    tm = _bench_bwd(lambda: fn(x, s), params, device, rep_ms)
+                    tm = bench_backward(lambda: fn(x, s), params, device=device, rep_ms=rep_ms)
                 else:
                     g = torch.ones(x.shape, device=device)
                     tm = bench(lambda: fn(x, s).backward(g), device=device, rep_ms=rep_ms, grad_to_none=params)
