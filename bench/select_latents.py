@@ -80,26 +80,21 @@ def main(argv=None):
 
             t_nn[b] = bench(nn_only, device=dev, rep_ms=rep_ms, min_reps=3)
             rec.add(case, f"knn[{b}]", "float32", "fwd", t_nn[b], note="auto" if b == name else "")
-        for b in backends[:1] + (backends[1:] if not a.quick else []):
-            def full(b=b):
-                fastgen.imle.select_latents(gen, data, pool_size=pool, latent_dim=lat, batch_size=bs,
+        def select_row(g, b, t_g, label, dtype, note):
+            def full():
+                fastgen.imle.select_latents(g, data, pool_size=pool, latent_dim=lat, batch_size=bs,
                                             rng=torch.Generator(device=dev).manual_seed(1), backend=b)
 
             t_full = bench(full, device=dev, rep_ms=rep_ms, min_reps=3)
-            frac = t_nn[b]["median_ms"] / (t_nn[b]["median_ms"] + t_gen["median_ms"])
-            rec.add(case, f"select_latents[{b}]", "float32", "fwd", t_full,
-                    note=f"NN share {100 * frac:.0f}% (knn / (knn + generator)); target <= 30%")
+            frac = t_nn[b]["median_ms"] / (t_nn[b]["median_ms"] + t_g["median_ms"])
+            rec.add(case, label, dtype, "fwd", t_full, note=note.format(100 * frac))
+
+        for b in backends[:1] + (backends[1:] if not a.quick else []):
+            select_row(gen, b, t_gen, f"select_latents[{b}]", "float32",
+                       "NN share {:.0f}% (knn / (knn + generator)); target <= 30%")
         if gen_bf16 is not None:
-            b = backends[0]
-
-            def full16():
-                fastgen.imle.select_latents(gen_bf16, data, pool_size=pool, latent_dim=lat, batch_size=bs,
-                                            rng=torch.Generator(device=dev).manual_seed(1), backend=b)
-
-            t_full16 = bench(full16, device=dev, rep_ms=rep_ms, min_reps=3)
-            frac = t_nn[b]["median_ms"] / (t_nn[b]["median_ms"] + t_gen16["median_ms"])
-            rec.add(case, f"select_latents[{b}, bf16 generator]", "bfloat16", "fwd", t_full16,
-                    note=f"NN share {100 * frac:.0f}%; target <= 30%")
+            select_row(gen_bf16, backends[0], t_gen16, f"select_latents[{backends[0]}, bf16 generator]", "bfloat16",
+                       "NN share {:.0f}%; target <= 30%")
     rec.save()
 
 
