@@ -29,3 +29,12 @@ def write_json(out: str, name: str, result: dict) -> str:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     return path
+
+
+def save(fig, out: str, name: str, result: dict, dpi: int = 100) -> None:
+    """Write the figure <out>/<name>.png (tight layout) and <out>/<name>.json, close the figure."""
+    fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
+    fig.savefig(os.path.join(out, f"{name}.png"), dpi=dpi)
+    plt().close(fig)
+    write_json(out, name, result)

@@ -155,11 +155,7 @@ def main(argv=None) -> dict:
     ax.set_ylabel("density")
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title("ML is mean-seeking (seeds 000/003); reverse KL is mode-seeking", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(a.out, exist_ok=True)
-    fig.savefig(os.path.join(a.out, f"{NAME}.png"), dpi=110)
-    plt.close(fig)
-    _util.write_json(a.out, NAME, res)
+    _util.save(fig, a.out, NAME, res, dpi=110)
     print(f"ML fit: mu = {mu_cf:.3f}, sigma = {sigma_cf:.3f} (article: 8, 8.06); gradient on fastgen NLL: "
           f"mu = {mu_gd:.3f}, sigma = {sigma_gd:.3f}")
     for m0, (m, s, k) in zip((5.0, 11.0), rev):

@@ -193,11 +193,7 @@ def main(argv=None) -> dict:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.suptitle("VAE on a 1-D curve in 8-D: a learned decoder variance collapses (seed 002)", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(a.out, exist_ok=True)
-    fig.savefig(os.path.join(a.out, f"{NAME}.png"), dpi=100)
-    plt.close(fig)
-    _util.write_json(a.out, NAME, res)
+    _util.save(fig, a.out, NAME, res, dpi=100)
     for name, r in res_runs.items():
         print(f"{name:16s} sigma {r['sigma_start']:.3g} -> {r['sigma_end']:.3g}  -ELBO {r['neg_elbo_start']:.2f} -> "
               f"{r['neg_elbo_end']:.2f}  slope(-ELBO, last quarter) {r['neg_elbo_slope_per_1000_steps_last_quarter']:.2f}"
