@@ -7,3 +7,9 @@ from .adaptive import AdaptiveIMLESampler
 from .features import RandomProjection
 
 __all__ += ["AdaptiveIMLESampler", "RandomProjection"]
+from . import distributed
+from .conditional import (CIMLEConfig, CIMLEResult, ConditionalMLPGenerator, default_cimle_config, make_condition,
+                          select_conditional, train_cimle)
+
+__all__ += ["distributed", "CIMLEConfig", "CIMLEResult", "ConditionalMLPGenerator", "default_cimle_config",
+            "make_condition", "select_conditional", "train_cimle"]

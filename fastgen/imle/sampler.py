@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from .._validate import check_positive_int, check_tensor
+from .distributed import examples_per_rank, rank_seed, resolve_rank, shard_indices
 from .select import select_latents
 
 
@@ -44,23 +45,45 @@ class IMLESampler:
         rejection_radius, feature_fn, latent_sampler, backend: passed to
             :func:`fastgen.imle.select_latents`.
         select_batch_size: chunk size of the re-selection (memory bound).
-        seed: seed of the sampler's own torch.Generator (pools, perturbations, shuffles).
+        seed: seed of the sampler's own torch.Generator (pools, perturbations, shuffles); rank r
+            uses :func:`fastgen.imle.distributed.rank_seed` (seed, r) (= seed on rank 0).
+        distributed: data-parallel mode under ``torch.distributed`` (DDP): rank and world size
+            from the initialised default process group (see :mod:`fastgen.imle.distributed`).
+        rank, world_size: the same mode with an explicit rank (no process group needed: emulates
+            one rank of a run, e.g. to reproduce it in one process); give both or neither.
 
-    Attributes after a selection: ``latents`` [N, latent_dim], ``dist2`` [N] (squared distance
-    from each example to its sample at selection time), ``epochs_seen``, ``selections``.
+    Data-parallel mode (world_size W > 1): ``data`` is the full dataset [N, ...] on every rank;
+    this rank owns the examples ``indices`` = rank, rank + W, ... and keeps the per-example state
+    (``latents``, ``dist2``) for those only, in that order; its pools hold pool_factor x its shard
+    and are drawn from its own seed; :meth:`epoch` yields ceil(N / W) examples on every rank
+    (a shorter shard repeats one example, as DistributedSampler pads) as *global* indices into
+    ``data``. Nothing is gathered; wrap the generator in DistributedDataParallel for the steps
+    and pass the unwrapped module here (the selection is a no_grad forward on the local replica).
+
+    Attributes after a selection: ``latents`` [n, latent_dim], ``dist2`` [n] (squared distance
+    from each example to its sample at selection time), for the n = N examples (or the n owned
+    ones, in the order of ``indices``), ``indices`` int64 [n] (global), ``rank``, ``world_size``,
+    ``epochs_seen``, ``selections``.
     """
 
     def __init__(self, generator: Callable, data: torch.Tensor, *, latent_dim: int, pool_factor: float = 10,
                  staleness: int = 5, noise: float = 0.01, per_batch: bool = False, rejection_radius: float = 0.0,
                  feature_fn: Callable | None = None, latent_sampler: Callable | None = None,
-                 select_batch_size: int | None = None, seed: int = 0, backend: str = "auto"):
+                 select_batch_size: int | None = None, seed: int = 0, backend: str = "auto",
+                 distributed: bool = False, rank: int | None = None, world_size: int | None = None):
         check_tensor("data", data)
+        if data.dim() < 1:
+            raise ValueError("data must be [N, ...]")
         self.generator = generator
         self.data = data
+        self.rank, self.world_size = resolve_rank(distributed, rank, world_size)
+        self.indices = shard_indices(data.shape[0], self.rank, self.world_size, device=data.device)
+        # this rank's examples (the full tensor itself in a single process: no copy)
+        self._local = data if self.world_size == 1 else data[self.indices]
         self.latent_dim = check_positive_int("latent_dim", latent_dim)
         if isinstance(pool_factor, bool) or not isinstance(pool_factor, (int, float)) or pool_factor <= 0:
             raise ValueError(f"pool_factor must be a number > 0, got {pool_factor!r}")
-        self.pool_size = max(1, int(round(pool_factor * data.shape[0])))
+        self.pool_size = max(1, int(round(pool_factor * self._local.shape[0])))
         self.staleness = check_positive_int("staleness", staleness)
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
             raise ValueError(f"noise must be a float >= 0, got {noise!r}")
@@ -75,7 +98,7 @@ class IMLESampler:
         self.select_batch_size = select_batch_size
         self.backend = backend
         self.rng = torch.Generator(device=data.device)
-        self.rng.manual_seed(seed)
+        self.rng.manual_seed(rank_seed(seed, self.rank))
         self.latents: torch.Tensor | None = None
         self.dist2: torch.Tensor | None = None
         self.epochs_seen = 0
@@ -87,46 +110,71 @@ class IMLESampler:
             batch_size=self.select_batch_size, rejection_radius=self.rejection_radius,
             feature_fn=self.feature_fn, latent_sampler=self.latent_sampler, rng=self.rng, backend=self.backend)
 
+    def to_local(self, idx: torch.Tensor) -> torch.Tensor:
+        """Positions in ``latents`` / ``dist2`` / ``indices`` of global indices owned by this rank
+        ((idx - rank) // world_size); ValueError for an index this rank does not own."""
+        idx = torch.as_tensor(idx, device=self.indices.device)
+        if self.world_size == 1:
+            return idx
+        if bool(((idx - self.rank) % self.world_size != 0).any()) or bool((idx < 0).any()) or \
+                bool((idx >= self.data.shape[0]).any()):
+            raise ValueError(f"idx holds indices not owned by rank {self.rank} of {self.world_size}")
+        return (idx - self.rank) // self.world_size
+
     def reselect(self) -> torch.Tensor:
-        """Run :func:`select_latents` over a fresh pool for the whole dataset now; returns
-        dist2 [N]."""
-        self.latents, self.dist2 = self._select(self.data, self.pool_size)
+        """Run :func:`select_latents` over a fresh pool for this process's examples (the whole
+        dataset, or this rank's shard) now; returns dist2 [n]."""
+        self.latents, self.dist2 = self._select(self._local, self.pool_size)
         self.selections += 1
         return self.dist2
 
     def epoch(self, batch_size: int, *, shuffle: bool = True, drop_last: bool = False
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One pass over the data: yields (latents [b, latent_dim], indices [b] int64).
-        Re-selects first when the staleness period has elapsed."""
+        """One pass over the data: yields (latents [b, latent_dim], indices [b] int64, global
+        indices into ``data``). Re-selects first when the staleness period has elapsed.
+        In data-parallel mode every rank yields ceil(N / W) examples in batches of the same sizes."""
         check_positive_int("batch_size", batch_size)
+        if not isinstance(shuffle, bool) or not isinstance(drop_last, bool):
+            raise TypeError("shuffle and drop_last must be bools")
         if not self.per_batch and (self.latents is None or self.epochs_seen % self.staleness == 0):
             self.reselect()
         self.epochs_seen += 1
-        N = self.data.shape[0]
+        n = self._local.shape[0]
         dev = self.data.device
-        order = torch.randperm(N, generator=self.rng, device=dev) if shuffle else torch.arange(N, device=dev)
-        stop = N - N % batch_size if drop_last else N
+        order = torch.randperm(n, generator=self.rng, device=dev) if shuffle else torch.arange(n, device=dev)
+        total = examples_per_rank(self.data.shape[0], self.world_size)
+        if total > n:            # a shorter shard: pad like DistributedSampler (repeat from the start)
+            order = torch.cat([order, order[:total - n]])
+        stop = total - total % batch_size if drop_last else total
         if self.per_batch and self.latents is None:
-            self.latents = torch.zeros(N, self.latent_dim, device=dev)
-            self.dist2 = torch.full((N,), float("inf"), device=dev)
+            self.latents = torch.zeros(n, self.latent_dim, device=dev)
+            self.dist2 = torch.full((n,), float("inf"), device=dev)
         for s in range(0, stop, batch_size):
-            idx = order[s:s + batch_size]
+            loc = order[s:s + batch_size]
             if self.per_batch:
-                z, d = self._select(self.data[idx], max(1, int(round(self.pool_factor * len(idx)))))
-                self.latents[idx] = z.to(self.latents.dtype)
-                self.dist2[idx] = d
+                z, d = self._select(self._local[loc], max(1, int(round(self.pool_factor * len(loc)))))
+                self.latents[loc] = z.to(self.latents.dtype)
+                self.dist2[loc] = d
                 self.selections += 1
             else:
-                z = self.latents[idx]
+                z = self.latents[loc]
             if self.noise > 0:
                 z = z + self.noise * torch.randn(z.shape, generator=self.rng, device=dev, dtype=z.dtype)
-            yield z, idx
+            yield z, (loc if self.world_size == 1 else self.indices[loc])
 
     def state_dict(self) -> dict:
+        """This process's state (in data-parallel mode: this rank's shard only; each rank saves
+        its own, or see :func:`fastgen.imle.distributed.gather_shards`)."""
         return {"latents": self.latents, "dist2": self.dist2, "epochs_seen": self.epochs_seen,
-                "selections": self.selections, "rng": self.rng.get_state()}
+                "selections": self.selections, "rng": self.rng.get_state(), "rank": self.rank,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; ValueError when it was saved by another rank / world size."""
+        saved = (int(state.get("rank", 0)), int(state.get("world_size", 1)))
+        if saved != (self.rank, self.world_size):
+            raise ValueError(f"state was saved by rank {saved[0]} of {saved[1]}, this sampler is rank "
+                             f"{self.rank} of {self.world_size}")
         self.latents = state["latents"]
         self.dist2 = state["dist2"]
         self.epochs_seen = int(state["epochs_seen"])
