@@ -219,6 +219,29 @@ if HAS_TRITON:
         tl.store(lse_ptr + rows, m + tl.log(l), mask=rmask)
 
     @triton.jit
+    def _pair_weights(yT_ptr, xT_ptr, w_ptr, lse_ptr, g_ptr, rows, cols, rmask, cmask, N, S, D,
+                      KIND: tl.constexpr, PERDIM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr):
+        # t[n, s] = g_n * softmax_s(a[n, :])[s] = g_n exp(a_ns - lse_n); 0 on padding
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        gr = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+        a = _pair_scores(yT_ptr, xT_ptr, w_ptr, rows, cols, rmask, cmask, N, S, D,
+                         KIND, PERDIM, BN, BS)
+        t = gr[:, None] * tl.exp(a - lse[:, None])
+        return tl.where(rmask[:, None] & cmask[None, :], t, 0.0)
+
+    @triton.jit
+    def _weighted_diff(yp, xp, rmask, cmask, t, KIND: tl.constexpr):
+        # (t * f'(d), d) for feature j, d[n, s] = y_nj - x_sj; f' = 2x / 2 (Gaussian) or sign (Laplace)
+        yj = tl.load(yp, mask=rmask, other=0.0)
+        xj = tl.load(xp, mask=cmask, other=0.0)
+        d = yj[:, None] - xj[None, :]
+        if KIND == 0:
+            u = t * d
+        else:
+            u = t * tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        return u, d
+
+    @triton.jit
     def _sll_bwd_rows_kernel(yT_ptr, xT_ptr, w_ptr, lse_ptr, g_ptr, gyT_ptr, part_ptr, N, S, D,
                              KIND: tl.constexpr, PERDIM: tl.constexpr, NEED_Y: tl.constexpr,
                              NEED_SIGMA: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr):
@@ -226,26 +249,16 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rmask = rows < N
-        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-        gr = tl.load(g_ptr + rows, mask=rmask, other=0.0)
         for s0 in range(0, S, BS):
             cols = s0 + tl.arange(0, BS)
             cmask = cols < S
-            a = _pair_scores(yT_ptr, xT_ptr, w_ptr, rows, cols, rmask, cmask, N, S, D,
-                             KIND, PERDIM, BN, BS)
-            t = gr[:, None] * tl.exp(a - lse[:, None])
-            t = tl.where(rmask[:, None] & cmask[None, :], t, 0.0)
+            t = _pair_weights(yT_ptr, xT_ptr, w_ptr, lse_ptr, g_ptr, rows, cols, rmask, cmask, N, S, D,
+                              KIND, PERDIM, BN, BS)
             yp = yT_ptr + rows
             xp = xT_ptr + cols
             gp = gyT_ptr + rows
             for j in range(0, D):
-                yj = tl.load(yp, mask=rmask, other=0.0)
-                xj = tl.load(xp, mask=cmask, other=0.0)
-                d = yj[:, None] - xj[None, :]
-                if KIND == 0:
-                    u = t * d
-                else:
-                    u = t * tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+                u, d = _weighted_diff(yp, xp, rmask, cmask, t, KIND)
                 if NEED_Y:
                     tl.store(gp, tl.load(gp, mask=rmask, other=0.0) + tl.sum(u, 1), mask=rmask)
                 if NEED_SIGMA:
@@ -265,23 +278,13 @@ if HAS_TRITON:
         for n0 in range(0, N, BN):
             rows = n0 + tl.arange(0, BN)
             rmask = rows < N
-            lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-            gr = tl.load(g_ptr + rows, mask=rmask, other=0.0)
-            a = _pair_scores(yT_ptr, xT_ptr, w_ptr, rows, cols, rmask, cmask, N, S, D,
-                             KIND, PERDIM, BN, BS)
-            t = gr[:, None] * tl.exp(a - lse[:, None])
-            t = tl.where(rmask[:, None] & cmask[None, :], t, 0.0)
+            t = _pair_weights(yT_ptr, xT_ptr, w_ptr, lse_ptr, g_ptr, rows, cols, rmask, cmask, N, S, D,
+                              KIND, PERDIM, BN, BS)
             yp = yT_ptr + rows
             xp = xT_ptr + cols
             gp = gxT_ptr + cols
             for j in range(0, D):
-                yj = tl.load(yp, mask=rmask, other=0.0)
-                xj = tl.load(xp, mask=cmask, other=0.0)
-                d = yj[:, None] - xj[None, :]
-                if KIND == 0:
-                    u = t * d
-                else:
-                    u = t * tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+                u, d = _weighted_diff(yp, xp, rmask, cmask, t, KIND)
                 tl.store(gp, tl.load(gp, mask=cmask, other=0.0) + tl.sum(u, 0), mask=cmask)
                 yp += N
                 xp += S
