@@ -69,3 +69,53 @@ def test_info(capsys):
     pytest.importorskip("fastgen._info")
     assert cli.main(["info"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["rs-imle", "adaptive-imle"])
+def test_train_imle_methods_grid_gmm(tmp_path, method):
+    out = tmp_path / method
+    assert cli.main(["train", "--method", method, "--data", "grid-gmm", "--epochs", "2", "--n-samples", "300",
+                     "--no-progress", "--out", str(out)]) == 0
+    for f in ("samples.png", "loss.png", "samples.npy", "metrics.json", "model.pt", "checkpoint.pt"):
+        assert (out / f).stat().st_size > 0, f
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == method and m["config"]["method"] == method and 0 <= m["modes_covered"] <= 25
+    if method == "rs-imle":
+        assert m["config"]["rejection_radius"] == cli.RS_RADIUS["grid-gmm"] > 0
+    else:
+        assert m["config"]["per_batch"] is False and m["reselected_fraction"][0] == [0, 1.0]
+
+
+def test_cli_resume_equals_uninterrupted_run(tmp_path):
+    import torch
+
+    common = ["train", "--method", "adaptive-imle", "--data", "grid-gmm", "--n-samples", "300", "--no-progress",
+              "--checkpoint-every", "2", "--pool-factor", "1", "--staleness", "1", "--max-age", "2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main(common + ["--epochs", "4", "--out", str(a)]) == 0
+    assert cli.main(common + ["--epochs", "2", "--out", str(b)]) == 0
+    assert cli.main(["train", "--method", "adaptive-imle", "--data", "grid-gmm", "--n-samples", "300",
+                     "--no-progress", "--epochs", "4", "--resume", "--out", str(b)]) == 0
+    ga = torch.load(a / "model.pt")["generator"]
+    gb = torch.load(b / "model.pt")["generator"]
+    assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
+    assert mb["resumed_from_epoch"] == 2 and mb["config"] == ma["config"]
+    for k in ("final_loss", "modes_covered", "high_quality_fraction", "reselected_fraction"):
+        assert ma[k] == mb[k], k
+    assert np.array_equal(np.load(a / "samples.npy"), np.load(b / "samples.npy"))
+
+
+@pytest.mark.parametrize("argv, exc, match", [
+    (["train", "--checkpoint-every", "-1"], SystemExit, None),
+    (["train", "--method", "spread", "--resume"], SystemExit, None),
+    (["train", "--method", "adaptive-imle", "--data", "grid-gmm", "--epochs", "1", "--gamma", "1.5"],
+     ValueError, "gamma"),
+    (["train", "--method", "rs-imle", "--data", "grid-gmm", "--epochs", "1", "--rejection-radius", "0"],
+     ValueError, "rejection_radius"),
+])
+def test_bad_method_arguments(tmp_path, argv, exc, match):
+    with pytest.raises(exc, match=match) as e:
+        cli.main(argv + ["--no-progress", "--out", str(tmp_path / "x")])
+    if exc is SystemExit:
+        assert e.value.code != 0
