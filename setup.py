@@ -1,8 +1,14 @@
-"""Builds fastgen._C: C++ CPU kernels (OpenMP) and, when available, CUDA kernels.
+"""Builds fastgen._C (C++ CPU kernels, OpenMP) and, when wanted, fastgen._C_cuda (CUDA kernels).
+
+The CUDA kernels are a SEPARATE extension (csrc/cuda/*.cu + csrc/cuda/*.cpp): a CUDA build
+failure never removes the CPU kernels of fastgen._C (the schemas live in csrc/fastgen.cpp).
 
 Environment:
-  FASTGEN_CUDA=auto|1|0   build the CUDA kernels (auto: when torch is a CUDA build and
-                          a CUDA toolkit is found).
+  FASTGEN_CUDA=auto|1|0   build fastgen._C_cuda. auto (default): when torch is a CUDA build, a
+                          CUDA toolkit (CUDA_HOME / nvcc) is found and a GPU is visible (or
+                          TORCH_CUDA_ARCH_LIST names the architectures); 1: always (an error when
+                          torch or the toolkit cannot, with FASTGEN_REQUIRE_EXT=1, else a warning).
+                          Architectures: TORCH_CUDA_ARCH_LIST (torch's default: the visible GPUs).
   FASTGEN_NATIVE=1|0      compile the CPU kernels with -march=native (default 1: the
                           package is built from source on the machine that runs it).
   FASTGEN_REQUIRE_EXT=1   fail the install if the extension does not build (default:
@@ -12,6 +18,8 @@ import glob
 import os
 
 from setuptools import setup
+
+_ON = ("1", "true", "on", "yes")
 
 
 def _extensions():
@@ -28,25 +36,50 @@ def _extensions():
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
     if os.environ.get("FASTGEN_NATIVE", "1") == "1":
         cxx.append("-march=native")
-    want_cuda = os.environ.get("FASTGEN_CUDA", "auto").lower()
-    has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if want_cuda in ("1", "true", "on") and not has_cuda:
-        raise RuntimeError("FASTGEN_CUDA=1 but torch is not a CUDA build or no CUDA toolkit was found")
-    use_cuda = has_cuda and want_cuda not in ("0", "false", "off")
     optional = os.environ.get("FASTGEN_REQUIRE_EXT", "0") != "1"
+    exts = [cpp_extension.CppExtension(
+        "fastgen._C", sources, extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"], optional=optional)]
+    use_cuda, why = _want_cuda(torch, cpp_extension, optional)
     if use_cuda:
-        sources += [os.path.relpath(p, here) for p in sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))]
-        ext = cpp_extension.CUDAExtension(
-            "fastgen._C", sources,
-            extra_compile_args={"cxx": cxx + ["-DFASTGEN_WITH_CUDA"],
-                                "nvcc": ["-O3", "-lineinfo", "-DFASTGEN_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"], optional=optional)
-    else:
-        ext = cpp_extension.CppExtension(
-            "fastgen._C", sources, extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"], optional=optional)
-    print(f"fastgen: building fastgen._C ({'CPU + CUDA' if use_cuda else 'CPU'}, optional={optional})")
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+        cu_sources = [os.path.relpath(p, here) for p in
+                      sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))
+                      + sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cpp")))]
+        # optional unless FASTGEN_CUDA=1 and FASTGEN_REQUIRE_EXT=1: a failed CUDA build warns and
+        # leaves fastgen._C (built first) in place
+        strict = not optional and os.environ.get("FASTGEN_CUDA", "auto").lower() in _ON
+        exts.append(cpp_extension.CUDAExtension(
+            "fastgen._C_cuda", cu_sources,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+            optional=not strict))
+    print(f"fastgen: building fastgen._C (CPU, optional={optional}); fastgen._C_cuda: "
+          + ("yes" if use_cuda else f"no ({why})"))
+    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+def _want_cuda(torch, cpp_extension, optional):
+    """(build fastgen._C_cuda?, reason when not) from FASTGEN_CUDA, torch and the toolkit."""
+    want = os.environ.get("FASTGEN_CUDA", "auto").lower()
+    if want in ("0", "false", "off", "no"):
+        return False, f"FASTGEN_CUDA={want}"
+    missing = []
+    if torch.version.cuda is None:
+        missing.append("torch is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None:
+        missing.append("no CUDA toolkit (set CUDA_HOME or put nvcc on PATH)")
+    if want in _ON:
+        if missing:
+            msg = "FASTGEN_CUDA=1 but " + "; ".join(missing)
+            if not optional:
+                raise RuntimeError(msg)
+            print(f"fastgen: WARNING: {msg}: fastgen._C_cuda is not built")
+            return False, msg
+        return True, None
+    if missing:
+        return False, "; ".join(missing)
+    if not (torch.cuda.is_available() or os.environ.get("TORCH_CUDA_ARCH_LIST")):
+        return False, "no GPU visible and TORCH_CUDA_ARCH_LIST unset (FASTGEN_CUDA=1 forces the build)"
+    return True, None
 
 
 ext_modules, cmdclass = _extensions()

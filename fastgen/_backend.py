@@ -1,7 +1,10 @@
-"""Lazy loading of the compiled extension fastgen._C.
+"""Lazy loading of the compiled extensions fastgen._C (CPU kernels, every op's schema) and
+fastgen._C_cuda (CUDA kernels, csrc/cuda; built only with a CUDA toolkit, see setup.py).
 
-The extension is optional: if it is missing or fails to load, fastgen still works on the
-pure torch / Triton paths, and :func:`ext_error` says why the compiled backends are absent.
+Both are optional: if one is missing or fails to load, fastgen still works on the pure torch /
+Triton paths, and :func:`ext_error` / :func:`cuda_ext_error` say why (cached, shown by
+``fastgen info``). :func:`has_kernel` loads fastgen._C_cuda on the first question about a CUDA
+kernel, never at ``import fastgen``.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import importlib
 import os
 
 _error: str | None = None
+_cuda_error: str | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,11 +40,49 @@ def ext_error() -> str | None:
     return _error
 
 
+@functools.lru_cache(maxsize=None)
+def load_cuda_ext():
+    """Import fastgen._C_cuda once (after fastgen._C, which declares the schemas its kernels
+    implement); return the module, or None (reason in :func:`cuda_ext_error`)."""
+    global _cuda_error
+    if load_ext() is None:
+        _cuda_error = f"needs fastgen._C, which is not loaded ({_error})"
+        return None
+    if os.environ.get("FASTGEN_DISABLE_CUDA_EXT", "0") == "1":
+        _cuda_error = "disabled by FASTGEN_DISABLE_CUDA_EXT=1"
+        return None
+    try:
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("fastgen._C_cuda") is None:
+            _cuda_error = ("fastgen._C_cuda was not built (build it on a machine with nvcc and a CUDA "
+                           "torch: FASTGEN_CUDA=1 pip install --no-build-isolation -e .)")
+            return None
+        if torch.version.cuda is None:
+            _cuda_error = "fastgen._C_cuda is built but this torch is a CPU-only build"
+            return None
+        return importlib.import_module("fastgen._C_cuda")
+    except Exception as e:  # ImportError, OSError (undefined symbol, CUDA runtime mismatch), ...
+        _cuda_error = f"fastgen._C_cuda not importable: {type(e).__name__}: {e}".strip()
+        return None
+
+
+def cuda_ext_error() -> str | None:
+    """Why fastgen._C_cuda is not loaded (None when it is)."""
+    load_cuda_ext()
+    return _cuda_error
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """True when torch.ops.fastgen.<op> has a kernel for dispatch_key ("CPU" or "CUDA")."""
+    """True when torch.ops.fastgen.<op> has a kernel for dispatch_key ("CPU" or "CUDA"); a question
+    about "CUDA" loads fastgen._C_cuda first."""
     import torch
 
     if load_ext() is None:
+        return False
+    if dispatch_key == "CUDA" and load_cuda_ext() is None:
         return False
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgen::{op}", dispatch_key)

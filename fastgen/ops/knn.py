@@ -2,11 +2,18 @@
 
 Backends (chosen by :mod:`fastgen._dispatch`; ``backend="auto"`` picks "cpu" for CPU tensors
 when the compiled extension is built, else "torch"; on CUDA "triton" (fastgen/ops/knn_triton.py),
-then "faiss" (faiss-gpu), then "torch"):
+then "cuda", then "faiss" (faiss-gpu), then "torch"; "cuda" is taken by "auto" only for batched
+3-D inputs with M <= 4096 keys per set, or when Triton is unavailable: its crossover against
+"triton" and "faiss" is unmeasured):
 
 * ``"cpu"``: the C++ kernel of csrc/cpu/knn.cpp (OpenMP, AVX-512 / AVX2 micro-kernel): centred
   fp32 expansion ``||b||^2 - 2 a.b`` on register tiles, running top-C per query, exact re-rank
   in double, rigorous certificate, pruned exact rescan of uncertified queries.
+* ``"cuda"``: the CUDA kernel of csrc/cuda/knn.cu (extension fastgen._C_cuda, built with
+  FASTGEN_CUDA=1): fp32 direct-difference distances on shared-memory tiles (no cancellation),
+  running top-C per query, exact double re-rank, certificate from the relative error bound
+  gamma_{D+2} of the direct differences, double brute force for uncertified queries (ties);
+  B sets in one launch; float32 / float16 / bfloat16, k <= 64.
 * ``"torch"``: the same algorithm in plain torch (chunked ``baddbmm`` + ``topk``, exact re-rank
   in float64, certificate, chunked direct-difference brute force for uncertified queries);
   memory O((N + M) D + chunk), any device.
@@ -286,6 +293,34 @@ def knn_cpu(query: torch.Tensor, key: torch.Tensor, k: int):
     return _backend.ext_op("knn")(query.contiguous(), key.contiguous(), k)
 
 
+# "cuda": the CUDA kernel of csrc/cuda/knn.cu (fastgen._C_cuda). Crossovers against "triton" and
+# "faiss" are UNMEASURED (no GPU when it was written): "auto" takes it where it is safest, for
+# batched 3-D searches (conditional IMLE: B independent sets, one launch) with few keys per set,
+# and otherwise only when Triton is unavailable. (The coarse order of fastgen._dispatch.ORDER
+# decides whether it is tried before or after "triton".)
+_CUDA_SMALL_M = 4096
+
+
+def _knn_cuda_ok(**info) -> bool:
+    if info.get("device", "cpu") != "cuda":
+        return False
+    if info.get("dtype") == torch.float64 or info.get("k", 1) > 64:
+        return False
+    if info.get("B", 1) > 1 and info.get("M", 0) <= _CUDA_SMALL_M:
+        return True
+    return _dispatch.unavailable_reason("knn", "triton", "cuda") is not None
+
+
+@_dispatch.register("knn", "cuda", auto_filter=_knn_cuda_ok)
+def knn_cuda(query: torch.Tensor, key: torch.Tensor, k: int):
+    """The CUDA kernel (csrc/cuda/knn.cu) on CUDA tensors: float32 / float16 / bfloat16, k <= 64.
+    fp32 direct-difference distances (no expansion, no tensor cores) on shared-memory tiles with
+    a running top-C per query, exact re-rank of the C candidates in double, rigorous certificate
+    (relative bound gamma_{D+2}), double brute force for the queries it cannot certify; B sets in
+    one launch. float64 inputs raise TypeError and k > 64 ValueError (use "torch" or "triton")."""
+    return _backend.ext_op("knn")(query.contiguous(), key.contiguous(), k)
+
+
 _GPU_RES = {}
 
 
@@ -474,8 +509,9 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, backend: str = "a
         k: number of neighbours, an int with 1 <= k <= M.
         backend: "auto" | "cpu" | "torch" | "faiss" | "triton" | "cuda" (see the module doc).
             "auto" picks "cpu" for CPU tensors when fastgen._C is built, else "torch"; on CUDA
-            "triton", then "faiss", then "torch". FASTGEN_BACKEND / fastgen._dispatch.use_backend
-            override "auto".
+            "triton", then "cuda" (taken first-hand only for batched inputs with few keys;
+            crossover unmeasured), then "faiss", then "torch". FASTGEN_BACKEND /
+            fastgen._dispatch.use_backend override "auto".
 
     Returns:
         (dist2, index): dist2 [.., N, k] ascending squared Euclidean distances (same units as the
