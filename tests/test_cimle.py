@@ -228,3 +228,22 @@ def test_train_cimle_smoke_loss_decreases():
         train_cimle(x, c, CIMLEConfig(n_samples=0), progress=False)
     with pytest.raises(TypeError, match="config"):
         train_cimle(x, c, {"epochs": 1}, progress=False)
+
+
+def test_conditional_generator_skip_and_prior():
+    gen = ConditionalMLPGenerator(1, 2, 2, hidden=(8,), out_act="none", skip=True)
+    with torch.no_grad():
+        gen.net[-1].weight.zero_()
+        gen.net[-1].bias.zero_()
+    c, z = torch.randn(5, 1), torch.randn(5, 2)
+    torch.testing.assert_close(gen(c, z), torch.cat([c, z[:, :1]], 1))    # x <- cond, y <- z_0
+    assert ConditionalMLPGenerator(3, 2, 4, hidden=(8,)).skip is None
+    with pytest.raises(ValueError, match="out_act"):
+        ConditionalMLPGenerator(1, 2, 2, out_act="tanh")
+    x, cnd = torch.rand(16, 2), torch.rand(16, 1)
+    with pytest.raises(ValueError, match="prior"):
+        train_cimle(x, cnd, CIMLEConfig(epochs=1, hidden=(4,), prior="cauchy"), progress=False)
+    res = train_cimle(x, cnd, CIMLEConfig(epochs=2, latent_dim=2, hidden=(8,), n_samples=3, prior="uniform", skip=True,
+                                          out_act="none", select_bf16="off"), progress=False)
+    s = res.sample(cnd, seed=0)
+    assert s.shape == (16, 2) and bool(torch.isfinite(s).all())

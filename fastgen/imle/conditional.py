@@ -30,6 +30,7 @@ import torch
 
 from .._validate import check_finite, check_positive_int, check_tensor
 from ..ops.imle_loss import check_backend, check_radius, nearest_eligible
+from .train import draw_prior
 
 DEFAULT_BATCH = 8192
 
@@ -196,9 +197,11 @@ def _exact_d2(q: torch.Tensor, key: torch.Tensor, i: torch.Tensor) -> torch.Tens
 
 class ConditionalMLPGenerator(torch.nn.Module):
     """(cond [n, C], z [n, latent_dim]) -> x [n, out_dim]: an MLP on concat(cond, z)
-    (Linear-ReLU blocks, a linear layer, an optional sigmoid for data in [0, 1])."""
+    (Linear-ReLU blocks, a linear layer, an optional sigmoid for data in [0, 1]); ``skip`` adds a
+    linear path concat(cond, z) -> x initialised to the identity on the leading dims."""
 
-    def __init__(self, cond_dim: int, latent_dim: int, out_dim: int, hidden=(512, 512), out_act: str = "sigmoid"):
+    def __init__(self, cond_dim: int, latent_dim: int, out_dim: int, hidden=(512, 512), out_act: str = "sigmoid",
+                 skip: bool = False):
         super().__init__()
         if out_act not in ("sigmoid", "none"):
             raise ValueError(f"out_act must be 'sigmoid' or 'none', got {out_act!r}")
@@ -211,10 +214,21 @@ class ConditionalMLPGenerator(torch.nn.Module):
             d = h
         layers.append(torch.nn.Linear(d, out_dim))
         self.net = torch.nn.Sequential(*layers)
+        self.skip = None
+        if skip:   # linear concat(cond, z) -> x path, initialised to the identity on the leading
+            # dims (grid-gmm: x starts as the condition, y as the latent; the MLP learns the rest)
+            self.skip = torch.nn.Linear(cond_dim + latent_dim, out_dim, bias=False)
+            with torch.no_grad():
+                self.skip.weight.zero_()
+                k = min(cond_dim + latent_dim, out_dim)
+                self.skip.weight[:k, :k].fill_diagonal_(1.0)
         self.cond_dim, self.latent_dim, self.out_dim, self.out_act = cond_dim, latent_dim, out_dim, out_act
 
     def forward(self, cond: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = self.net(torch.cat([cond.reshape(cond.shape[0], -1).to(z.dtype), z], 1))
+        u = torch.cat([cond.reshape(cond.shape[0], -1).to(z.dtype), z], 1)
+        h = self.net(u)
+        if self.skip is not None:
+            h = h + self.skip(u)
         return torch.sigmoid(h) if self.out_act == "sigmoid" else h
 
 
@@ -245,6 +259,8 @@ class CIMLEConfig:
     out_act: str = "sigmoid"        # "sigmoid" (data in [0, 1]) or "none"
     rejection_radius: float = 0.0   # RS-IMLE radius within each condition's set (0: plain cIMLE)
     temperature: float = 1.0        # scale of z when sampling after training
+    prior: str = "normal"           # latent prior: "normal" N(0, I) or "uniform" U[-sqrt 3, sqrt 3]^L
+    skip: bool = False              # linear concat(cond, z) -> x path (identity on leading dims)
     select_bf16: str = "auto"       # generator forward of the selection under bf16 autocast:
                                     # "auto" (CPU with native bf16, or CUDA), "on", "off"
     seed: int = 0
@@ -268,7 +284,7 @@ class CIMLEResult:
     def sample(self, cond: torch.Tensor, *, seed: int = 1234) -> torch.Tensor:
         """One sample per row of ``cond`` [n, C] (the units :func:`make_condition` returns for the
         normalised data): [n, D] in the normalised units the generator was trained in.
-        z ~ N(0, temperature^2 I) drawn from ``torch.Generator().manual_seed(seed)``."""
+        z = temperature x a draw of the prior from ``torch.Generator().manual_seed(seed)``."""
         if not isinstance(cond, torch.Tensor):
             raise TypeError(f"cond must be a torch.Tensor, got {type(cond).__name__}")
         if cond.dim() != 2 or cond.shape[1] != self.generator.cond_dim:
@@ -276,7 +292,7 @@ class CIMLEResult:
         n = cond.shape[0]
         dev = next(self.generator.parameters()).device
         g = torch.Generator().manual_seed(seed)
-        z = (torch.randn(n, self.config.latent_dim, generator=g) * self.config.temperature).to(dev)
+        z = (draw_prior(self.config.prior, n, self.config.latent_dim, g) * self.config.temperature).to(dev)
         cond = cond.to(dev, torch.float32)
         was = self.generator.training
         self.generator.eval()
@@ -343,7 +359,9 @@ def train_cimle(x: torch.Tensor, cond: torch.Tensor, config: CIMLEConfig, *, pro
     x = x.float()
     cond = cond.float()
     dev = x.device
-    gen = ConditionalMLPGenerator(cond.shape[1], config.latent_dim, D, tuple(config.hidden), config.out_act).to(dev)
+    draw_prior(config.prior, 1, 1)   # validates the name
+    gen = ConditionalMLPGenerator(cond.shape[1], config.latent_dim, D, tuple(config.hidden), config.out_act,
+                                  skip=config.skip).to(dev)
     use_bf16 = config.select_bf16 == "on" or (config.select_bf16 == "auto" and _native_bf16(dev))
     sel_gen = _Autocast(gen) if use_bf16 else gen
     rng = torch.Generator(device=dev).manual_seed(config.seed + 1)
@@ -363,9 +381,10 @@ def train_cimle(x: torch.Tensor, cond: torch.Tensor, config: CIMLEConfig, *, pro
     for ep in bar:
         if ep % config.staleness == 0:
             ts = time.perf_counter()
-            z_sel, d2, _ = select_conditional(sel_gen, x, cond, n_samples=config.n_samples,
-                                              latent_dim=config.latent_dim, rejection_radius=config.rejection_radius,
-                                              rng=rng)
+            z_sel, d2, _ = select_conditional(
+                sel_gen, x, cond, n_samples=config.n_samples, latent_dim=config.latent_dim,
+                rejection_radius=config.rejection_radius,
+                latent_sampler=lambda n: draw_prior(config.prior, n, config.latent_dim, rng, dev))
             res.select_seconds += time.perf_counter() - ts
             res.select_dist2.append((ep, float(d2.mean())))
         order = torch.randperm(N, generator=rng, device=dev)

@@ -58,7 +58,17 @@ class IMLESampler:
     and are drawn from its own seed; :meth:`epoch` yields ceil(N / W) examples on every rank
     (a shorter shard repeats one example, as DistributedSampler pads) as *global* indices into
     ``data``. Nothing is gathered; wrap the generator in DistributedDataParallel for the steps
-    and pass the unwrapped module here (the selection is a no_grad forward on the local replica).
+    and pass the unwrapped module here (the selection is a no_grad forward on the local replica;
+    DDP's forward may broadcast buffers, a collective that ranks with different pool sizes would
+    not pair). A user ``latent_sampler`` must draw rank-dependent candidates itself::
+
+        dist.init_process_group("nccl")            # or "gloo" on CPU
+        gen = MyGenerator().to(device); model = DistributedDataParallel(gen)
+        sampler = IMLESampler(gen, data, latent_dim=32, distributed=True)
+        for epoch in range(epochs):
+            for z, idx in sampler.epoch(batch_size=128):       # idx: global, this rank's shard
+                loss = ((model(z) - data[idx]) ** 2).flatten(1).sum(1).mean()
+                opt.zero_grad(); loss.backward(); opt.step()
 
     Attributes after a selection: ``latents`` [n, latent_dim], ``dist2`` [n] (squared distance
     from each example to its sample at selection time), for the n = N examples (or the n owned
