@@ -47,7 +47,7 @@ def test_select_matches_brute_force(batch_size):
         gen.net[-1].bias += 100.0
     cond = torch.randn(B, C, generator=g)
     lat = torch.randn(B, S, L, generator=g)
-    z, d2, idx = select_conditional(gen, data, cond, n_samples=S, latent_dim=L, latents=lat, batch_size=batch_size)
+    z, d2, idx = select_conditional(gen, data, cond, n_candidates=S, latent_dim=L, latents=lat, batch_size=batch_size)
     want_i, want_d = _brute(gen, data, cond, lat)
     assert torch.equal(idx, want_i)
     assert torch.equal(z, lat[torch.arange(B), want_i])
@@ -67,7 +67,7 @@ def test_select_ties_go_to_earliest_candidate(batch_size):
     lat = torch.randint(-1, 2, (B, S, D), generator=g).float()
     cond = torch.randint(-8, 8, (B, D), generator=g).float() / 4     # exact sums: true ties
     data = cond + torch.tensor([0.5, 0.0])        # equidistant from round(z) = (0, 0) and (1, 0)
-    z, d2, idx = select_conditional(_quantised, data, cond, n_samples=S, latent_dim=D, latents=lat,
+    z, d2, idx = select_conditional(_quantised, data, cond, n_candidates=S, latent_dim=D, latents=lat,
                                     batch_size=batch_size)
     want_i, want_d = _brute(_quantised, data, cond, lat)
     assert torch.equal(idx, want_i)
@@ -75,11 +75,11 @@ def test_select_ties_go_to_earliest_candidate(batch_size):
     # near-ties (sums rounded in fp32) across slices: decided on exact distances, like the loop
     cond = torch.randn(B, D, generator=g)
     data = cond + torch.tensor([0.5, 0.0])
-    z, d2, idx = select_conditional(_quantised, data, cond, n_samples=S, latent_dim=D, latents=lat,
+    z, d2, idx = select_conditional(_quantised, data, cond, n_candidates=S, latent_dim=D, latents=lat,
                                     batch_size=batch_size)
     assert torch.equal(idx, _brute(_quantised, data, cond, lat)[0])
     # a constant generator: every candidate ties, the first wins
-    z, d2, idx = select_conditional(lambda c, zz: c.clone(), data, cond, n_samples=S, latent_dim=D, latents=lat,
+    z, d2, idx = select_conditional(lambda c, zz: c.clone(), data, cond, n_candidates=S, latent_dim=D, latents=lat,
                                     batch_size=batch_size)
     assert torch.all(idx == 0)
 
@@ -94,7 +94,7 @@ def test_select_rejection_radius_matches_brute_force(batch_size):
     lat = torch.randn(B, S, L, generator=g)
     _, dall = _brute(gen, data, cond, lat)
     radius = float(dall.sqrt().median()) * 1.05    # some conditions reject everything, some not
-    z, d2, idx = select_conditional(gen, data, cond, n_samples=S, latent_dim=L, latents=lat,
+    z, d2, idx = select_conditional(gen, data, cond, n_candidates=S, latent_dim=L, latents=lat,
                                     batch_size=batch_size, rejection_radius=radius)
     want_i, want_d = _brute(gen, data, cond, lat, radius=radius)
     assert torch.equal(idx, want_i)
@@ -108,18 +108,18 @@ def test_select_equals_conditional_imle_loss_and_sampler_path():
     data = torch.randn(B, D, generator=g)
     cond = torch.randn(B, C, generator=g)
     lat = torch.randn(B, S, L, generator=g)
-    z, d2, idx = select_conditional(gen, data, cond, n_samples=S, latent_dim=L, latents=lat)
+    z, d2, idx = select_conditional(gen, data, cond, n_candidates=S, latent_dim=L, latents=lat)
     with torch.no_grad():
         samples = gen(cond.repeat_interleave(S, 0), lat.reshape(B * S, L)).reshape(B, S, D)
     per = fastgen.imle_loss(samples, data, conditional=True, reduction="none")
     torch.testing.assert_close(d2, per, rtol=1e-5, atol=1e-6)
     # the default-sampler path draws B * S latents condition-major in one call here
-    z2, d22, idx2 = select_conditional(gen, data, cond, n_samples=S, latent_dim=L,
+    z2, d22, idx2 = select_conditional(gen, data, cond, n_candidates=S, latent_dim=L,
                                        latent_sampler=lambda n: lat.reshape(n, L).clone())
     assert torch.equal(idx2, idx) and torch.equal(z2, z)
     # rng reproducibility of the default sampler
-    a = select_conditional(gen, data, cond, n_samples=S, latent_dim=L, rng=torch.Generator().manual_seed(9))
-    b = select_conditional(gen, data, cond, n_samples=S, latent_dim=L, rng=torch.Generator().manual_seed(9))
+    a = select_conditional(gen, data, cond, n_candidates=S, latent_dim=L, rng=torch.Generator().manual_seed(9))
+    b = select_conditional(gen, data, cond, n_candidates=S, latent_dim=L, rng=torch.Generator().manual_seed(9))
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
@@ -133,7 +133,7 @@ def test_select_multidim_examples_and_float64():
         return c + z.reshape(-1, 2, 3).to(c.dtype)
 
     lat = torch.randn(B, S, L, generator=g)
-    z, d2, idx = select_conditional(gen, data, cond, n_samples=S, latent_dim=L, latents=lat)
+    z, d2, idx = select_conditional(gen, data, cond, n_candidates=S, latent_dim=L, latents=lat)
     want = ((cond[:, None] + lat.reshape(B, S, 2, 3).double() - data[:, None]) ** 2).flatten(2).sum(-1)
     assert torch.equal(idx, want.argmin(1))
     assert d2.dtype == torch.float32 and z.shape == (B, L)
@@ -143,17 +143,17 @@ def test_select_multidim_examples_and_float64():
 def test_select_bad_input_names_the_argument():
     gen = _gen(2, 3, 4)
     x, c = torch.randn(5, 4), torch.randn(5, 2)
-    kw = dict(n_samples=3, latent_dim=3)
+    kw = dict(n_candidates=3, latent_dim=3)
     with pytest.raises(TypeError, match="data"):
         select_conditional(gen, x.long(), c, **kw)
     with pytest.raises(ValueError, match="cond"):
         select_conditional(gen, x, c[:4], **kw)
     with pytest.raises(TypeError, match="cond"):
         select_conditional(gen, x, c.tolist(), **kw)
-    with pytest.raises(ValueError, match="n_samples"):
-        select_conditional(gen, x, c, n_samples=0, latent_dim=3)
+    with pytest.raises(ValueError, match="n_candidates"):
+        select_conditional(gen, x, c, n_candidates=0, latent_dim=3)
     with pytest.raises(ValueError, match="latent_dim"):
-        select_conditional(gen, x, c, n_samples=3, latent_dim=0)
+        select_conditional(gen, x, c, n_candidates=3, latent_dim=0)
     with pytest.raises(ValueError, match="batch_size"):
         select_conditional(gen, x, c, batch_size=0, **kw)
     with pytest.raises(ValueError, match="latents"):
@@ -210,7 +210,7 @@ def test_train_cimle_smoke_loss_decreases():
     mode = torch.randint(0, 2, (N, 1), generator=g).float() * 2 - 1
     x = torch.cat([c, mode + 0.05 * torch.randn(N, 1, generator=g)], 1)      # y bimodal given c
     cfg = CIMLEConfig(epochs=8, latent_dim=2, hidden=(32, 32), batch_size=32, lr=3e-3, lr_final=1e-3,
-                      n_samples=6, staleness=2, noise=0.0, out_act="none", select_bf16="off", seed=1)
+                      n_candidates=6, staleness=2, noise=0.0, out_act="none", select_bf16="off", seed=1)
     res = train_cimle(x, c, cfg, progress=False)
     assert len(res.loss) == 8 and len(res.select_dist2) == 4
     assert res.loss[-1] < 0.7 * res.loss[0]
@@ -224,8 +224,8 @@ def test_train_cimle_smoke_loss_decreases():
         res.sample(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="cond"):
         train_cimle(x, c[:5], cfg, progress=False)
-    with pytest.raises(ValueError, match="config.n_samples"):
-        train_cimle(x, c, CIMLEConfig(n_samples=0), progress=False)
+    with pytest.raises(ValueError, match="config.n_candidates"):
+        train_cimle(x, c, CIMLEConfig(n_candidates=0), progress=False)
     with pytest.raises(TypeError, match="config"):
         train_cimle(x, c, {"epochs": 1}, progress=False)
 
@@ -243,7 +243,7 @@ def test_conditional_generator_skip_and_prior():
     x, cnd = torch.rand(16, 2), torch.rand(16, 1)
     with pytest.raises(ValueError, match="prior"):
         train_cimle(x, cnd, CIMLEConfig(epochs=1, hidden=(4,), prior="cauchy"), progress=False)
-    res = train_cimle(x, cnd, CIMLEConfig(epochs=2, latent_dim=2, hidden=(8,), n_samples=3, prior="uniform", skip=True,
+    res = train_cimle(x, cnd, CIMLEConfig(epochs=2, latent_dim=2, hidden=(8,), n_candidates=3, prior="uniform", skip=True,
                                           out_act="none", select_bf16="off"), progress=False)
     s = res.sample(cnd, seed=0)
     assert s.shape == (16, 2) and bool(torch.isfinite(s).all())

@@ -39,7 +39,7 @@ __all__ = ["select_conditional", "ConditionalMLPGenerator", "CIMLEConfig", "CIML
 
 
 def select_conditional(generator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], data: torch.Tensor,
-                       cond: torch.Tensor, *, n_samples: int, latent_dim: int, batch_size: int | None = None,
+                       cond: torch.Tensor, *, n_candidates: int, latent_dim: int, batch_size: int | None = None,
                        rejection_radius: float = 0.0, latents: torch.Tensor | None = None,
                        latent_sampler: Callable[[int], torch.Tensor] | None = None,
                        rng: torch.Generator | None = None, backend: str = "auto"):
@@ -60,7 +60,7 @@ def select_conditional(generator: Callable[[torch.Tensor, torch.Tensor], torch.T
             trailing shape (an nn.Module or a function). Its mode (train / eval) is left alone.
         data: [B, ...] float tensor, one example per condition.
         cond: [B, ...] tensor of conditions (any dtype the generator accepts), same B as data.
-        n_samples: S, candidates per condition (the paper uses 10 to 30 per input).
+        n_candidates: S, candidates drawn per condition.
         latent_dim: size of one latent.
         batch_size: most generator rows per call (default min(B * S, 8192)); bounds the memory
             to O(batch_size * D).
@@ -85,7 +85,7 @@ def select_conditional(generator: Callable[[torch.Tensor, torch.Tensor], torch.T
     Raises:
         TypeError: non-tensor data / cond / latents, non-callable generator or sampler, a
             generator or sampler returning a non-tensor.
-        ValueError: empty or non-finite data, cond with another number of rows, n_samples /
+        ValueError: empty or non-finite data, cond with another number of rows, n_candidates /
             latent_dim / batch_size < 1, latents of the wrong shape, a sampler returning the wrong
             shape, a generator output without data's trailing shape, NaN / inf samples,
             rejection_radius < 0.
@@ -100,7 +100,7 @@ def select_conditional(generator: Callable[[torch.Tensor, torch.Tensor], torch.T
     if cond.device != data.device:
         raise ValueError(f"cond is on {cond.device} but data is on {data.device}")
     B = data.shape[0]
-    S = check_positive_int("n_samples", n_samples)
+    S = check_positive_int("n_candidates", n_candidates)
     L = check_positive_int("latent_dim", latent_dim)
     batch_size = min(B * S, DEFAULT_BATCH) if batch_size is None else check_positive_int("batch_size", batch_size)
     r = check_radius(rejection_radius)
@@ -112,7 +112,7 @@ def select_conditional(generator: Callable[[torch.Tensor, torch.Tensor], torch.T
         if not isinstance(latents, torch.Tensor):
             raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
         if tuple(latents.shape) != (B, S, L):
-            raise ValueError(f"latents must have shape (B, n_samples, latent_dim) = {(B, S, L)}, got {tuple(latents.shape)}")
+            raise ValueError(f"latents must have shape (B, n_candidates, latent_dim) = {(B, S, L)}, got {tuple(latents.shape)}")
         if latents.device != device:
             raise ValueError(f"latents is on {latents.device} but data is on {device}")
     elif latent_sampler is None:
@@ -253,7 +253,7 @@ class CIMLEConfig:
     batch_size: int = 64
     lr: float = 1e-3
     lr_final: float = 1e-4          # cosine decay from lr to lr_final over the run
-    n_samples: int = 20             # S: candidates per condition at each re-selection
+    n_candidates: int = 20          # S: candidates per condition at each re-selection
     staleness: int = 5              # epochs between re-selections
     noise: float = 0.01             # latent perturbation between re-selections (std)
     out_act: str = "sigmoid"        # "sigmoid" (data in [0, 1]) or "none"
@@ -315,7 +315,7 @@ def train_cimle(x: torch.Tensor, cond: torch.Tensor, config: CIMLEConfig, *, pro
                 desc: str = "cIMLE") -> CIMLEResult:
     """Train a :class:`ConditionalMLPGenerator` on pairs (cond [N, C], x [N, D]) with cIMLE.
 
-    Every ``staleness`` epochs each example i gets, of S = ``n_samples`` fresh latents drawn for
+    Every ``staleness`` epochs each example i gets, of S = ``n_candidates`` fresh latents drawn for
     its condition, the one whose sample g(cond_i, z) is nearest to x_i
     (:func:`select_conditional`); in between, the selected latents are reused with Gaussian noise
     of std ``noise``. Each step minimises mean_i ||g(cond_i, z_i) - x_i||^2 over a mini-batch
@@ -347,7 +347,7 @@ def train_cimle(x: torch.Tensor, cond: torch.Tensor, config: CIMLEConfig, *, pro
     check_finite("cond", cond)
     if not isinstance(config, CIMLEConfig):
         raise TypeError(f"config must be a CIMLEConfig, got {type(config).__name__}")
-    for name in ("epochs", "latent_dim", "batch_size", "n_samples", "staleness"):
+    for name in ("epochs", "latent_dim", "batch_size", "n_candidates", "staleness"):
         check_positive_int(f"config.{name}", getattr(config, name))
     if config.select_bf16 not in ("auto", "on", "off"):
         raise ValueError(f"config.select_bf16 must be 'auto', 'on' or 'off', got {config.select_bf16!r}")
@@ -382,7 +382,7 @@ def train_cimle(x: torch.Tensor, cond: torch.Tensor, config: CIMLEConfig, *, pro
         if ep % config.staleness == 0:
             ts = time.perf_counter()
             z_sel, d2, _ = select_conditional(
-                sel_gen, x, cond, n_samples=config.n_samples, latent_dim=config.latent_dim,
+                sel_gen, x, cond, n_candidates=config.n_candidates, latent_dim=config.latent_dim,
                 rejection_radius=config.rejection_radius,
                 latent_sampler=lambda n: draw_prior(config.prior, n, config.latent_dim, rng, dev))
             res.select_seconds += time.perf_counter() - ts
@@ -443,8 +443,9 @@ def default_cimle_config(data: str, epochs: int | None = None, seed: int = 0) ->
     if data == "digits":
         cfg = CIMLEConfig()
     elif data in ("grid-gmm", "grid_gmm"):
-        cfg = CIMLEConfig(epochs=200, latent_dim=2, hidden=(256, 256), batch_size=256, lr=1e-3, lr_final=1e-4,
-                          n_samples=20, staleness=2, noise=0.0, out_act="none", temperature=1.0)
+        cfg = CIMLEConfig(epochs=400, latent_dim=2, hidden=(256, 256), batch_size=256, lr=1e-3, lr_final=1e-5,
+                          n_candidates=20, staleness=5, noise=0.0, out_act="none", temperature=1.0, prior="uniform",
+                          skip=True)
     else:
         raise ValueError(f"data must be 'digits' or 'grid-gmm', got {data!r}")
     if epochs is not None:
