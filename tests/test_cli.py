@@ -83,14 +83,14 @@ def test_train_imle_methods_grid_gmm(tmp_path, method):
     if method == "rs-imle":
         assert m["config"]["rejection_radius"] == cli.RS_RADIUS["grid-gmm"] > 0
     else:
-        assert m["config"]["per_batch"] is False and m["reselected_fraction"][0] == [0, 1.0]
+        assert m["config"]["per_batch"] is True and m["reselected_fraction"][0] == [0, 1.0]
 
 
 def test_cli_resume_equals_uninterrupted_run(tmp_path):
     import torch
 
     common = ["train", "--method", "adaptive-imle", "--data", "grid-gmm", "--n-samples", "300", "--no-progress",
-              "--checkpoint-every", "2", "--pool-factor", "1", "--staleness", "1", "--max-age", "2"]
+              "--checkpoint-every", "2", "--max-age", "2"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli.main(common + ["--epochs", "4", "--out", str(a)]) == 0
     assert cli.main(common + ["--epochs", "2", "--out", str(b)]) == 0

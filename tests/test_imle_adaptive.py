@@ -120,6 +120,50 @@ def test_adaptive_matches_python_loop_reference(radius):
     assert len(rec.pools) == sum(1 for n in counts if n)        # no pool drawn when nothing is due
 
 
+def test_adaptive_per_batch_matches_python_loop_reference():
+    torch.manual_seed(4)
+    N, D, L, B = 10, 3, 2, 4
+    x = torch.randn(N, D) * 1.5
+    gen = MovingGenerator(L, D, seed=11)
+    rec = RecordingSampler(L, seed=12)
+    s = AdaptiveIMLESampler(gen, x, latent_dim=L, pool_factor=1.5, staleness=2, gamma=0.1, max_age=4, noise=0.0,
+                            per_batch=True, latent_sampler=rec)
+    pools = []
+    lat, tau2, age = torch.zeros(N, L), [None] * N, [0] * N
+    for e in range(9):
+        n_pools = len(rec.pools)
+        got = list(s.epoch(B, shuffle=False))
+        new_pools = rec.pools[n_pools:]
+        g = gen
+        for b in range(0, N, B):                      # the reference, one example at a time
+            batch = list(range(b, min(b + B, N)))
+            if e % 2 == 0:
+                due = []
+                for i in batch:
+                    d = float(((g(lat[i:i + 1])[0].double() - x[i].double()) ** 2).sum())
+                    if e == 0 or d < tau2[i] or age[i] >= 4:
+                        if e:
+                            tau2[i] = d * 0.81
+                        due.append(i)
+                if due:
+                    pool = new_pools.pop(0)
+                    assert len(pool) == round(1.5 * len(batch))
+                    samples = g(pool)
+                    for i, j in zip(due, brute_nearest(x[due], samples)):
+                        lat[i], age[i] = pool[j], 0
+                        if e == 0:
+                            tau2[i] = float(((samples[j].double() - x[i].double()) ** 2).sum()) * 0.81
+            for i in batch:
+                age[i] += 1
+        assert not new_pools
+        assert torch.equal(torch.cat([z for z, _ in got]), lat) and torch.equal(s.latents, lat), e
+        assert torch.allclose(s.tau2.double(), torch.tensor(tau2, dtype=torch.float64), rtol=1e-5), e
+        assert s.age.tolist() == age, e
+        gen.step()
+    assert [h[0] for h in s.history] == [0, 2, 4, 6, 8] and s.history[0][1] == N
+    assert any(0 < n < N for _, n in s.history[1:])
+
+
 def test_adaptive_reselects_only_due_examples_and_forces_old_ones():
     x = torch.randn(20, 4)
     gen = MovingGenerator(3, 4, seed=5)
@@ -286,6 +330,7 @@ def _tiny(method, **kw):
     ("rs-imle", {}),
     ("adaptive-imle", {}),
     ("adaptive-imle", dict(proj_dim=2)),
+    ("adaptive-imle", dict(per_batch=True, staleness=1, max_age=2)),
     ("imle", dict(per_batch=True, prior="uniform", skip=True, lr_final=1e-4)),
 ])
 def test_resume_is_bit_exact(tmp_path, method, kw):
@@ -334,7 +379,6 @@ def test_resume_rejects_a_different_config_and_bad_args(tmp_path):
 @pytest.mark.parametrize("kw, name", [
     (dict(method="gan"), "method"),
     (dict(method="rs-imle", rejection_radius=0.0), "rejection_radius"),
-    (dict(method="adaptive-imle", per_batch=True), "per_batch"),
     (dict(proj_dim=-1), "proj_dim"),
     (dict(select_bf16="maybe"), "select_bf16"),
     (dict(prior="cauchy"), "prior"),

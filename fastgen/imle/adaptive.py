@@ -21,6 +21,13 @@ run every ``staleness`` epochs (so every example's age is a multiple of ``stalen
 minimum age is ``staleness``); the pool is drawn and pushed through the generator only when
 some example is due, with ``pool_factor * N`` candidates as in :class:`IMLESampler`, so each
 due example picks among as many candidates as under plain IMLE.
+
+``per_batch=True`` moves the check into the mini-batches (as ``IMLESampler(per_batch=True)``
+does for plain IMLE): in a check epoch, each mini-batch checks its own examples and re-selects
+the due ones from a fresh pool of ``pool_factor * batch`` candidates. Small fresh pools let
+every region of the latent space be selected and pulled towards the data (needed on
+well-separated modes such as grid-gmm, where a large shared pool leaves samples stranded
+between modes).
 """
 from __future__ import annotations
 
@@ -61,6 +68,9 @@ class AdaptiveIMLESampler:
         rejection_radius, feature_fn, latent_sampler, backend: as in
             :func:`fastgen.imle.select_latents`; the thresholds and the check distances use the
             same feature space (``feature_fn``, e.g. :class:`fastgen.imle.RandomProjection`).
+        per_batch: checks and re-selections per mini-batch with pools of ``pool_factor * batch``
+            candidates (see the module docstring); an example's age then grows when its batch
+            is yielded.
         select_batch_size: chunk size of the re-selections and checks (memory bound).
         seed: seed of the sampler's own torch.Generator (pools, perturbations, shuffles).
 
@@ -77,7 +87,7 @@ class AdaptiveIMLESampler:
 
     def __init__(self, generator: Callable, data: torch.Tensor, *, latent_dim: int, pool_factor: float = 10,
                  staleness: int = 5, gamma: float = 0.02, max_age: int | None = None, noise: float = 0.01,
-                 rejection_radius: float = 0.0, feature_fn: Callable | None = None,
+                 per_batch: bool = False, rejection_radius: float = 0.0, feature_fn: Callable | None = None,
                  latent_sampler: Callable | None = None, select_batch_size: int | None = None, seed: int = 0,
                  backend: str = "auto"):
         check_tensor("data", data)
@@ -102,6 +112,9 @@ class AdaptiveIMLESampler:
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
             raise ValueError(f"noise must be a float >= 0, got {noise!r}")
         self.noise = float(noise)
+        if not isinstance(per_batch, bool):
+            raise TypeError(f"per_batch must be a bool, got {type(per_batch).__name__}")
+        self.per_batch = per_batch
         self.rejection_radius = rejection_radius
         self.feature_fn = feature_fn
         self.latent_sampler = latent_sampler
@@ -120,24 +133,26 @@ class AdaptiveIMLESampler:
         self.history: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ pieces
-    def _select(self, idx: torch.Tensor):
+    def _select(self, idx: torch.Tensor, pool_size: int | None = None):
         return select_latents(
-            self.generator, self.data[idx], pool_size=self.pool_size, latent_dim=self.latent_dim,
+            self.generator, self.data[idx], pool_size=pool_size or self.pool_size, latent_dim=self.latent_dim,
             batch_size=self.select_batch_size, rejection_radius=self.rejection_radius,
             feature_fn=self.feature_fn, latent_sampler=self.latent_sampler, rng=self.rng, backend=self.backend)
 
     @torch.no_grad()
-    def current_dist2(self) -> torch.Tensor:
-        """float32 [N]: squared feature distance from each example to the sample of its stored
-        latent (no perturbation) under the generator as it is now."""
+    def current_dist2(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [N] (or [len(idx)] for the examples ``idx``): squared feature distance from
+        each example to the sample of its stored latent (no perturbation) under the generator
+        as it is now."""
         if self.latents is None:
             raise RuntimeError("no latents selected yet: call epoch() or reselect() first")
-        N = self.data.shape[0]
+        lat, data = (self.latents, self.data) if idx is None else (self.latents[idx], self.data[idx])
+        N = data.shape[0]
         bs = self.select_batch_size or 8192
         out = []
         for s in range(0, N, bs):
-            f = _features(self.generator(self.latents[s:s + bs]), self.feature_fn, "generator output")
-            x = _features(self.data[s:s + bs], self.feature_fn, "feature_fn(data)")
+            f = _features(self.generator(lat[s:s + bs]), self.feature_fn, "generator output")
+            x = _features(data[s:s + bs], self.feature_fn, "feature_fn(data)")
             if f.shape != x.shape:
                 raise ValueError(f"sample features have shape {tuple(f.shape)} but data features {tuple(x.shape)}")
             out.append(((f.float() - x.float()) ** 2).sum(1))
@@ -185,26 +200,63 @@ class AdaptiveIMLESampler:
         return n
 
     # ------------------------------------------------------------------ loop interface
+    def _check_batch(self, idx: torch.Tensor, first: bool) -> int:
+        """per_batch: check the examples idx and re-select the due ones from a fresh pool of
+        pool_factor * len(idx) candidates; returns the number replaced."""
+        pool = max(1, int(round(self.pool_factor * len(idx))))
+        if first:
+            due = idx
+        else:
+            d = self.current_dist2(idx)
+            self.dist2[idx] = d
+            m = (d < self.tau2[idx]) | (self.age[idx] >= self.max_age)
+            due = idx[m]
+            self.tau2[due] = d[m] * (1.0 - self.gamma) ** 2
+        if due.numel():
+            z, dn = self._select(due, pool)
+            self.latents[due] = z.to(self.latents.dtype)
+            self.dist2[due] = dn
+            self.age[due] = 0
+            if first:
+                self.tau2[due] = dn * (1.0 - self.gamma) ** 2
+        return int(due.numel())
+
     def epoch(self, batch_size: int, *, shuffle: bool = True, drop_last: bool = False
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over the data: yields (latents [b, latent_dim], indices [b] int64). Runs a
-        check first when ``staleness`` epochs have passed since the last one; then every age
-        grows by one (the age counts the epochs a latent has been trained for)."""
+        check first when ``staleness`` epochs have passed since the last one (per mini-batch
+        with ``per_batch``); then every age grows by one (the age counts the epochs a latent
+        has been trained for)."""
         check_positive_int("batch_size", batch_size)
-        if self.latents is None or self.epochs_seen % self.staleness == 0:
-            self.check()
-        self.epochs_seen += 1
-        self.age += 1
         N = self.data.shape[0]
         dev = self.data.device
+        first = self.latents is None
+        check_now = first or self.epochs_seen % self.staleness == 0
+        if self.per_batch:
+            if first:
+                self.latents = torch.zeros((N, self.latent_dim), device=dev)
+            replaced = 0
+        elif check_now:
+            self.check()
+        epoch_no = self.epochs_seen
+        self.epochs_seen += 1
+        if not self.per_batch:
+            self.age += 1
         order = torch.randperm(N, generator=self.rng, device=dev) if shuffle else torch.arange(N, device=dev)
         stop = N - N % batch_size if drop_last else N
         for s in range(0, stop, batch_size):
             idx = order[s:s + batch_size]
+            if self.per_batch:
+                if check_now:
+                    replaced += self._check_batch(idx, first)
+                self.age[idx] += 1
             z = self.latents[idx]
             if self.noise > 0:
                 z = z + self.noise * torch.randn(z.shape, generator=self.rng, device=dev, dtype=z.dtype)
             yield z, idx
+        if self.per_batch and check_now:
+            self.selections += 1
+            self.history.append((epoch_no, replaced))
 
     def state_dict(self) -> dict:
         """Copies of the per-example state (latents, dist2, tau2, age), counters, history and

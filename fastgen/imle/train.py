@@ -68,8 +68,6 @@ class IMLEConfig:
             raise ValueError(f"method must be one of {IMLE_METHODS}, got {self.method!r}")
         if self.method == "rs-imle" and not self.rejection_radius > 0:
             raise ValueError(f"rejection_radius must be > 0 for method 'rs-imle', got {self.rejection_radius!r}")
-        if self.method == "adaptive-imle" and self.per_batch:
-            raise ValueError("per_batch must be False for method 'adaptive-imle' (its state is per example)")
         if self.select_bf16 not in ("auto", "on", "off"):
             raise ValueError(f"select_bf16 must be 'auto', 'on' or 'off', got {self.select_bf16!r}")
         if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or self.proj_dim < 0:
@@ -197,7 +195,8 @@ def make_sampler(gen: Callable, x: torch.Tensor, config: IMLEConfig):
                   noise=config.noise, rejection_radius=config.rejection_radius, seed=config.seed,
                   latent_sampler=prior, feature_fn=feature_fn)
     if config.method == "adaptive-imle":
-        return AdaptiveIMLESampler(gen, x, gamma=config.gamma, max_age=config.max_age, **common)
+        return AdaptiveIMLESampler(gen, x, gamma=config.gamma, max_age=config.max_age, per_batch=config.per_batch,
+                                   **common)
     return IMLESampler(gen, x, per_batch=config.per_batch, **common)
 
 
@@ -314,8 +313,6 @@ def train_imle(x: torch.Tensor, config: IMLEConfig, *, progress: bool = True, de
                 res.select_seconds += time.perf_counter() - ts
             if sampler.selections != before:
                 res.select_dist2.append((ep, float(sampler.dist2.mean())))
-            if checked:
-                res.reselected.append(tuple(sampler.history[-1]))
         tot, cnt = 0.0, 0
         for z, idx in _chain(first, batches):
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.train_bf16):
@@ -328,6 +325,8 @@ def train_imle(x: torch.Tensor, config: IMLEConfig, *, progress: bool = True, de
             tot += float(loss.detach()) * len(idx)
             cnt += len(idx)
         res.loss.append(tot / cnt)
+        if isinstance(sampler, AdaptiveIMLESampler) and sampler.history and sampler.history[-1][0] == ep:
+            res.reselected.append(tuple(sampler.history[-1]))
         if config.per_batch:
             res.select_dist2.append((ep, float(sampler.dist2.mean())))
         if progress:
