@@ -33,9 +33,13 @@
 //     exact. Otherwise the query is appended to a failure list (atomic counter in device memory).
 //     When M <= C every key is a candidate and nothing needs certifying.
 //  4. Fallback (knn_fallback_kernel, a warp per failed query, grid-stride over the device-side
-//     count, so no host synchronisation): exact brute force in double over all M keys (each lane a
-//     sorted top-k of its keys, then k rounds of a warp arg-min by (distance, index)). Queries fail
-//     only for near-exact ties spanning more than C - k candidates (duplicated keys, lattices).
+//     count, so no host synchronisation): an exact scan of all M keys, pruned by the same bound:
+//     each key's fp32 value gives a lower bound of its exact distance; keys whose bound exceeds
+//     tau = (the candidates' exact k-th distance) (1 + (D + 8) 2^-52) >= the true k-th distance
+//     cannot be in the top k, the others are evaluated in double (each lane keeps a sorted top-k of
+//     its keys, then k rounds of a warp arg-min by (distance, index)). Queries fail only for
+//     near-exact ties spanning more than C - k candidates (duplicated keys, lattices, 16-bit data
+//     far from the origin).
 //
 // Offsets are int64 everywhere (inputs above 2^31 elements). NaN / inf inputs are rejected by the
 // Python layer (fastgen.knn validates before calling a non-CPU backend).
@@ -243,7 +247,8 @@ __global__ void __launch_bounds__(WARPS_FINAL * 32)
 knn_final_kernel(const T* __restrict__ q, const T* __restrict__ key, int64_t BN, int64_t N, int64_t M, int64_t D,
                  int64_t k, int64_t S, const float* __restrict__ wv, const int32_t* __restrict__ wi, double g32,
                  double a32, double g64, float* __restrict__ out_d, int64_t* __restrict__ out_i,
-                 unsigned long long* __restrict__ fail_count, int64_t* __restrict__ fail_list) {
+                 unsigned long long* __restrict__ fail_count, int64_t* __restrict__ fail_list,
+                 double* __restrict__ fail_tau) {
   constexpr int C = 32 * CP;
   __shared__ double sd[WARPS_FINAL][C];
   __shared__ int32_t sid[WARPS_FINAL][C];
@@ -325,6 +330,7 @@ knn_final_kernel(const T* __restrict__ q, const T* __restrict__ key, int64_t BN,
     if (!(lower > upper)) {
       const unsigned long long pos = atomicAdd(fail_count, 1ull);
       fail_list[pos] = row;
+      fail_tau[pos] = upper;  // >= the exact k-th distance: prunes the fallback's scan
     }
   }
 }
@@ -335,12 +341,14 @@ knn_final_kernel(const T* __restrict__ q, const T* __restrict__ key, int64_t BN,
 template <typename T>
 __global__ void __launch_bounds__(WARPS_FINAL * 32)
 knn_fallback_kernel(const T* __restrict__ q, const T* __restrict__ key, int64_t N, int64_t M, int64_t D, int k,
-                    const unsigned long long* __restrict__ fail_count, const int64_t* __restrict__ fail_list,
+                    double g32, double a32, const unsigned long long* __restrict__ fail_count,
+                    const int64_t* __restrict__ fail_list, const double* __restrict__ fail_tau,
                     float* __restrict__ out_d, int64_t* __restrict__ out_i) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t nf = (int64_t)*fail_count;
   for (int64_t f = (int64_t)blockIdx.x * WARPS_FINAL + warp; f < nf; f += (int64_t)gridDim.x * WARPS_FINAL) {
     const int64_t row = fail_list[f];
+    const double tau = fail_tau[f];
     const int64_t b = row / N;
     const T* qr = q + row * D;
     const T* kb = key + b * M * D;
@@ -349,6 +357,14 @@ knn_fallback_kernel(const T* __restrict__ q, const T* __restrict__ key, int64_t 
     int n = 0;
     for (int64_t j = lane; j < M; j += 32) {  // each lane: sorted top k of its keys (index order)
       const T* kr = kb + j * D;
+      // fp32 pass first: a key whose rigorous lower bound exceeds tau (>= the exact k-th distance)
+      // cannot be in the top k; only the others are evaluated in double
+      float v = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float df = to_f(qr[d]) - to_f(kr[d]);
+        v = fmaf(df, df, v);
+      }
+      if ((fmin((double)v, (double)FLT_MAX) - a32) / (1.0 + g32) > tau) continue;
       double dd = 0.0;
       for (int64_t d = 0; d < D; ++d) {
         const double t = (double)to_f(qr[d]) - (double)to_f(kr[d]);
@@ -421,6 +437,7 @@ void launch(const at::Tensor& qc, const at::Tensor& kc, int64_t k, at::Tensor& d
   at::Tensor wi = at::empty({BN * S * C}, opts.dtype(at::kInt));
   at::Tensor fail_count = at::zeros({1}, opts.dtype(at::kLong));
   at::Tensor fail_list = at::empty({BN}, opts.dtype(at::kLong));
+  at::Tensor fail_tau = at::empty({BN}, opts.dtype(at::kDouble));
 
   const size_t smem = (size_t)TILE_FLOATS * sizeof(float) + (size_t)TQ * C * (sizeof(float) + sizeof(int32_t));
   TORCH_CHECK(smem <= (size_t)smem_optin, "fastgen::knn (CUDA): needs ", smem,
@@ -442,13 +459,14 @@ void launch(const at::Tensor& qc, const at::Tensor& kc, int64_t k, at::Tensor& d
   const unsigned fin_blocks = (unsigned)((BN + WARPS_FINAL - 1) / WARPS_FINAL);
   knn_final_kernel<T, CP><<<fin_blocks, WARPS_FINAL * 32, 0, stream>>>(
       qp, kp, BN, N, M, D, k, S, wv.data_ptr<float>(), wi.data_ptr<int32_t>(), g32, a32, g64,
-      dist.data_ptr<float>(), index.data_ptr<int64_t>(), fc, fail_list.data_ptr<int64_t>());
+      dist.data_ptr<float>(), index.data_ptr<int64_t>(), fc, fail_list.data_ptr<int64_t>(),
+      fail_tau.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const unsigned fb_blocks = (unsigned)std::min<int64_t>((int64_t)fin_blocks, 8 * sms);
   knn_fallback_kernel<T><<<fb_blocks, WARPS_FINAL * 32, 0, stream>>>(
-      qp, kp, N, M, D, (int)k, fc, fail_list.data_ptr<int64_t>(), dist.data_ptr<float>(),
-      index.data_ptr<int64_t>());
+      qp, kp, N, M, D, (int)k, g32, a32, fc, fail_list.data_ptr<int64_t>(), fail_tau.data_ptr<double>(),
+      dist.data_ptr<float>(), index.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
