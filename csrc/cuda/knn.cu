@@ -23,7 +23,7 @@
 //     a fixed-order butterfly reduction: identical rows give bit-identical distances), ranks them by
 //     (distance, index) and writes the top k.
 //  3. Certificate: with u = 2^-24, the fp32 value of any key satisfies
-//        |v - d| <= g d + a,   g = gamma_{D+2} = (D+2) u / (1 - (D+2) u),   a = (D+2) 2^-126
+//        |v - d| <= g d + a,   g = gamma_{D+2} = (D+2) u / (1 - (D+2) u),   a = 2 (D+2) 2^-126
 //     (one rounding for the difference, D fused multiply-adds of non-negative terms; a covers
 //     underflow, also when subnormals are flushed), and v = +inf only if d >= FLT_MAX / (1 + g).
 //     Every key outside the candidates has v >= T, the C-th smallest v (also across the S ranges:
@@ -452,8 +452,9 @@ void launch(const at::Tensor& qc, const at::Tensor& kc, int64_t k, at::Tensor& d
 
   const double u32 = std::ldexp(1.0, -24);
   const double n = (double)D + 2.0;
-  const double g32 = 1.01 * (n * u32 / (1.0 - n * u32)) + std::ldexp(1.0, -50);
-  const double a32 = n * std::ldexp(1.0, -126);
+  // (D >= 2^23: no useful bound; every query with M > C goes to the exact fallback)
+  const double g32 = n * u32 < 0.5 ? 1.01 * (n * u32 / (1.0 - n * u32)) + std::ldexp(1.0, -50) : INFINITY;
+  const double a32 = 2.0 * n * std::ldexp(1.0, -126);  // underflow, with the (1 + g) growth, also under FTZ
   const double g64 = ((double)D + 8.0) * std::ldexp(1.0, -52);
   auto* fc = reinterpret_cast<unsigned long long*>(fail_count.data_ptr<int64_t>());
   const unsigned fin_blocks = (unsigned)((BN + WARPS_FINAL - 1) / WARPS_FINAL);
