@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .._validate import check_kind
-from ..imle.train import MLPGenerator
+from ..imle.train import MLPGenerator, draw_prior
 from ..nn.spread import SpreadDivergenceLoss
 from .vae import SpreadVAE
 
@@ -27,8 +27,8 @@ __all__ = ["SpreadConfig", "SpreadTrainResult", "default_config", "train_spread"
 
 @dataclass
 class SpreadConfig:
-    """Hyper-parameters of :func:`train_spread` / :func:`train_spread_vae` (defaults: the
-    25-mode grid setting of examples/spread_deltas.py: 25/25 or 21/25 modes in 3000 steps)."""
+    """Hyper-parameters of :func:`train_spread` / :func:`train_spread_vae`; the tuned settings
+    per dataset come from :func:`default_config`."""
     epochs: int = 300
     latent_dim: int = 8
     hidden: tuple = (128, 128, 128)
@@ -40,6 +40,11 @@ class SpreadConfig:
     sigma_end: float = 0.05         # spread at the last step
     kind: str = "laplace"           # spread noise of train_spread (train_spread_vae is Gaussian)
     out_act: str = "none"           # "sigmoid" for data in [0, 1]
+    prior: str = "normal"           # latent prior: "normal" N(0, I) or "uniform" on [-sqrt 3, sqrt 3]^latent_dim
+    skip: bool = False              # linear latent -> output path initialised to the identity (MLPGenerator)
+    anneal: float = 1.0             # fraction of the steps over which sigma is annealed (then held at sigma_end)
+    num_draws: int = 1              # spread-noise draws per data example (SpreadDivergenceLoss)
+    antithetic: bool = False        # also the mirrored draw data - noise (SpreadDivergenceLoss)
     temperature: float = 1.0
     seed: int = 0
 
@@ -52,17 +57,29 @@ class SpreadConfig:
 def default_config(method: str, data: str, epochs: int | None = None, seed: int = 0) -> SpreadConfig:
     """Settings for ``method`` in ("spread", "spread-vae") on ``data`` in ("grid-gmm", "digits").
 
-    grid-gmm, measured on a busy 2-core CPU (one torch thread): spread, 3000 steps, Laplace spread
-    1.0 -> 0.05: 21/25 modes (high-quality fraction 0.62); spread-vae, 8000 steps, Gaussian
-    spread 0.3 -> 0.05, latent 2: 25/25 modes (0.55). digits (pixels / 16 in [0, 1]), barely tuned:
-    spread, 60 epochs, Laplace 0.5 -> 0.03: precision 0.94, recall 0.17, 10/10 classes;
-    spread-vae, same: precision 0.88, recall 0.05 (IMLE's tuned demo does better on recall).
+    grid-gmm (data standardised by its std, as the command line does), spread: the setting that
+    lets IMLE cover the grid (fastgen.cli.default_config): a 2-D uniform latent and a linear
+    skip path initialised to the identity (the generator starts as a square of the data's scale,
+    without folds), Laplace spread annealed 0.3 -> 0.01 data stds, and S = 256 generator
+    samples per step for 512 data points. With S < batch each sample is pulled by the spread
+    data it explains, including the samples stranded between modes; with S >> batch (2048) or
+    an 8-D Gaussian latent, stranded samples get almost no gradient and modes are lost (an 8-D
+    N(0, I) latent, 128x3 MLP, S = 2048, Laplace 1.0 -> 0.05: 12-21/25). Measured on a busy
+    2-core CPU, one torch thread, 300 epochs = 3000 steps, 25-45 s: 25/25 modes on seeds 0-5
+    (high-quality fraction 0.54-0.68). spread-vae, 8000 steps, Gaussian spread 0.3 -> 0.05,
+    latent 2: 25/25 modes (0.55).
+
+    digits (pixels / 16 in [0, 1]), barely tuned: spread, 60 epochs, Laplace 0.5 -> 0.03:
+    precision 0.94, recall 0.17, 10/10 classes; spread-vae, same: precision 0.88, recall 0.05
+    (IMLE's tuned demo does better on recall).
     """
     if method not in ("spread", "spread-vae"):
         raise ValueError(f"method must be 'spread' or 'spread-vae', got {method!r}")
     if data == "grid-gmm":
         if method == "spread":
-            cfg = SpreadConfig()
+            cfg = SpreadConfig(epochs=300, latent_dim=2, hidden=(256, 256), batch_size=512, n_samples=256, lr=1e-3,
+                               lr_final=1e-3, sigma_start=0.3, sigma_end=0.01, kind="laplace", prior="uniform",
+                               skip=True)
         else:
             cfg = SpreadConfig(epochs=400, latent_dim=2, batch_size=256, sigma_start=0.3, sigma_end=0.05,
                                kind="gaussian")
@@ -85,6 +102,7 @@ class SpreadTrainResult:
     loss: list = field(default_factory=list)          # mean training loss per epoch (nats per example)
     sigma: list = field(default_factory=list)         # spread at the end of each epoch
     select_dist2: list = field(default_factory=list)  # always empty (no re-selection; CLI plot compatibility)
+    log: list = field(default_factory=list)           # {"step", "sigma", "loss"} every 100 steps and the last step
     train_seconds: float = 0.0
     select_seconds: float = 0.0
 
@@ -92,7 +110,7 @@ class SpreadTrainResult:
     def sample(self, n: int, *, seed: int = 1234) -> torch.Tensor:
         """n noiseless samples g(z) [n, D], z ~ N(0, temperature^2 I), in training units."""
         g = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.config.latent_dim, generator=g) * self.config.temperature
+        z = draw_prior(self.config.prior, n, self.config.latent_dim, g) * self.config.temperature
         return torch.cat([self.generator(z[s:s + 4096]) for s in range(0, n, 4096)])
 
 
@@ -106,6 +124,10 @@ def _check(x, config):
         raise ValueError("sigma_start and sigma_end must be > 0")
     if config.epochs < 1 or config.batch_size < 1 or config.n_samples < 1:
         raise ValueError("epochs, batch_size and n_samples must be >= 1")
+    if config.prior not in ("normal", "uniform"):
+        raise ValueError(f"prior must be 'normal' or 'uniform', got {config.prior!r}")
+    if not 0 < config.anneal <= 1:
+        raise ValueError(f"anneal must be in (0, 1], got {config.anneal!r}")
 
 
 def _schedule(config, N):
@@ -113,7 +135,8 @@ def _schedule(config, N):
     total = config.epochs * steps_per_epoch
 
     def sigma_at(step):
-        return config.sigma_start * (config.sigma_end / config.sigma_start) ** (step / max(total - 1, 1))
+        frac = min(step / max(config.anneal * (total - 1), 1), 1.0)
+        return config.sigma_start * (config.sigma_end / config.sigma_start) ** frac
 
     def lr_lambda(step):
         r = config.lr_final / config.lr
@@ -130,7 +153,8 @@ def _loop(x, config, step_fn, params, progress, desc):
     opt = torch.optim.Adam(params, lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     g = torch.Generator().manual_seed(config.seed + 1)
-    losses, sigmas = [], []
+    losses, sigmas, log = [], [], []
+    total = config.epochs * steps_per_epoch
     step = 0
     t0 = time.perf_counter()
     bar = tqdm(range(config.epochs), desc=desc, disable=not progress, mininterval=0.5)
@@ -144,13 +168,16 @@ def _loop(x, config, step_fn, params, progress, desc):
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss.detach())
+            lv = float(loss.detach())
+            tot += lv
+            if step % 100 == 0 or step == total - 1:
+                log.append({"step": step, "sigma": sigma, "loss": lv})
             step += 1
         losses.append(tot / steps_per_epoch)
         sigmas.append(sigma)
         if progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", sigma=f"{sigma:.3g}", refresh=False)
-    return losses, sigmas, time.perf_counter() - t0
+    return losses, sigmas, log, time.perf_counter() - t0
 
 
 def train_spread(x: torch.Tensor, config: SpreadConfig, *, progress: bool = True,
@@ -160,25 +187,28 @@ def train_spread(x: torch.Tensor, config: SpreadConfig, *, progress: bool = True
     _check(x, config)
     kind = check_kind(config.kind)
     torch.manual_seed(config.seed)
-    gen = MLPGenerator(config.latent_dim, x.shape[1], tuple(config.hidden), config.out_act)
+    gen = MLPGenerator(config.latent_dim, x.shape[1], tuple(config.hidden), config.out_act, skip=config.skip)
 
     def step_fn(xb, sigma, g):
-        z = torch.randn(config.n_samples, config.latent_dim, generator=g)
-        return SpreadDivergenceLoss(sigma, kind=kind)(gen(z), xb, generator=g)
+        z = draw_prior(config.prior, config.n_samples, config.latent_dim, g)
+        loss_fn = SpreadDivergenceLoss(sigma, kind=kind, num_draws=config.num_draws, antithetic=config.antithetic)
+        return loss_fn(gen(z), xb, generator=g)
 
-    losses, sigmas, secs = _loop(x, config, step_fn, list(gen.parameters()), progress, desc)
-    return SpreadTrainResult(gen, config, losses, sigmas, [], secs, 0.0)
+    losses, sigmas, log, secs = _loop(x, config, step_fn, list(gen.parameters()), progress, desc)
+    return SpreadTrainResult(gen, config, losses, sigmas, [], log, secs, 0.0)
 
 
 def train_spread_vae(x: torch.Tensor, config: SpreadConfig, *, progress: bool = True,
                      desc: str = "spread-vae") -> SpreadTrainResult:
     """Train an MLP generator on x [N, D] as a spread VAE (Gaussian spread; MLP encoder with the
     generator's hidden sizes), loss = -ELBO in nats per example. ``kind`` and ``n_samples`` are
-    not used."""
+    not used; the prior must be "normal" (the VAE's N(0, I))."""
     _check(x, config)
+    if config.prior != "normal":
+        raise ValueError(f"prior must be 'normal' for a spread VAE (its KL term is against N(0, I)), got {config.prior!r}")
     torch.manual_seed(config.seed)
     D = x.shape[1]
-    gen = MLPGenerator(config.latent_dim, D, tuple(config.hidden), config.out_act)
+    gen = MLPGenerator(config.latent_dim, D, tuple(config.hidden), config.out_act, skip=config.skip)
     layers, d = [], D
     for h in config.hidden:
         layers += [torch.nn.Linear(d, h), torch.nn.ReLU()]
@@ -190,5 +220,5 @@ def train_spread_vae(x: torch.Tensor, config: SpreadConfig, *, progress: bool = 
         vae.sigma.fill_(sigma)
         return vae(xb, generator=g).loss
 
-    losses, sigmas, secs = _loop(x, config, step_fn, list(vae.parameters()), progress, desc)
-    return SpreadTrainResult(gen, config, losses, sigmas, [], secs, 0.0)
+    losses, sigmas, log, secs = _loop(x, config, step_fn, list(vae.parameters()), progress, desc)
+    return SpreadTrainResult(gen, config, losses, sigmas, [], log, secs, 0.0)
