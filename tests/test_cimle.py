@@ -101,6 +101,36 @@ def test_select_rejection_radius_matches_brute_force(batch_size):
     torch.testing.assert_close(d2.double(), want_d, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [2, 5, 1000])
+@pytest.mark.parametrize("radius", [0.0, 0.8])
+def test_select_grouped_matches_brute_force(batch_size, radius):
+    g = torch.Generator().manual_seed(8)
+    B, N, S, L, C, D = 5, 4, 6, 2, 3, 3
+    gen = _gen(C, L, D, seed=3)
+    data = torch.randn(B, N, D, generator=g) * 0.3
+    cond = torch.randn(B, C, generator=g)
+    lat = torch.randn(B, S, L, generator=g)
+    lat[:, 3] = lat[:, 1]                          # duplicated candidates: ties to the earlier one
+    z, d2, idx = select_conditional(gen, data, cond, n_candidates=S, latent_dim=L, latents=lat, grouped=True,
+                                    batch_size=batch_size, rejection_radius=radius)
+    assert z.shape == (B, N, L) and d2.shape == (B, N) and idx.shape == (B, N)
+    for n in range(N):                            # each example against its condition's S samples
+        want_i, want_d = _brute(gen, data[:, n], cond, lat, radius=radius)
+        assert torch.equal(idx[:, n], want_i)
+        assert torch.equal(z[:, n], lat[torch.arange(B), want_i])
+        torch.testing.assert_close(d2[:, n].double(), want_d, rtol=1e-5, atol=1e-6)
+    assert not bool((idx == 3).any())
+    if radius == 0:
+        with torch.no_grad():
+            samples = gen(cond.repeat_interleave(S, 0), lat.reshape(B * S, L)).reshape(B, S, D)
+        per = fastgen.imle_loss(samples, data, conditional=True, reduction="none")     # [B, N]
+        torch.testing.assert_close(d2, per, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="data"):
+        select_conditional(gen, data[:, 0, 0], cond, n_candidates=S, latent_dim=L, grouped=True)
+    with pytest.raises(TypeError, match="grouped"):
+        select_conditional(gen, data, cond, n_candidates=S, latent_dim=L, grouped=1)
+
+
 def test_select_equals_conditional_imle_loss_and_sampler_path():
     g = torch.Generator().manual_seed(1)
     B, S, L, C, D = 11, 4, 3, 2, 5

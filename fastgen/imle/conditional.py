@@ -39,31 +39,37 @@ __all__ = ["select_conditional", "ConditionalMLPGenerator", "CIMLEConfig", "CIML
 
 
 def select_conditional(generator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], data: torch.Tensor,
-                       cond: torch.Tensor, *, n_candidates: int, latent_dim: int, batch_size: int | None = None,
-                       rejection_radius: float = 0.0, latents: torch.Tensor | None = None,
+                       cond: torch.Tensor, *, n_candidates: int, latent_dim: int, grouped: bool = False,
+                       batch_size: int | None = None, rejection_radius: float = 0.0,
+                       latents: torch.Tensor | None = None,
                        latent_sampler: Callable[[int], torch.Tensor] | None = None,
                        rng: torch.Generator | None = None, backend: str = "auto"):
-    """cIMLE selection: for each condition, the latent (of S drawn for it) whose sample is nearest
-    to the condition's example.
+    """cIMLE selection: for each example, the latent (of the S drawn for its condition) whose
+    sample is nearest.
 
     For b = 0..B-1: candidates z_b1..z_bS, samples g(cond_b, z_bs); pick
     s*(b) = argmin_s ||data_b - g(cond_b, z_bs)||^2 (Li, Zhang & Malik 2019, Alg. 1, line 6).
+    With ``grouped=True`` condition b holds N examples data_b1..data_bN, each picking among the
+    same S samples of its condition: s*(b, n) = argmin_s ||data_bn - g(cond_b, z_bs)||^2.
 
     The conditions are processed in chunks of ``max(1, batch_size // S)`` and the S samples of a
     chunk in slices of at most ``batch_size``: the generator sees at most ``batch_size`` rows per
     call, under ``torch.no_grad``; each slice is one batched :func:`fastgen.knn` call
-    ([b, 1, D] queries vs [b, s, D] keys), and a running best per condition is kept across the
-    slices of S.
+    ([b, N, D] queries vs [b, s, D] keys, N = 1 without ``grouped``), and a running best per
+    example is kept across the slices of S. No Python loop over conditions inside a chunk.
 
     Args:
-        generator: callable (cond [n, ...], z [n, latent_dim]) -> samples [n, ...] with data's
-            trailing shape (an nn.Module or a function). Its mode (train / eval) is left alone.
-        data: [B, ...] float tensor, one example per condition.
+        generator: callable (cond [n, ...], z [n, latent_dim]) -> samples [n, ...] with the
+            examples' trailing shape (an nn.Module or a function). Its mode (train / eval) is left
+            alone.
+        data: [B, ...] float tensor, one example per condition; with ``grouped=True``
+            [B, N, ...], N examples per condition.
         cond: [B, ...] tensor of conditions (any dtype the generator accepts), same B as data.
         n_candidates: S, candidates drawn per condition.
         latent_dim: size of one latent.
+        grouped: data holds N examples per condition (dim 1), see above.
         batch_size: most generator rows per call (default min(B * S, 8192)); bounds the memory
-            to O(batch_size * D).
+            to O(batch_size * D + B * N * D).
         rejection_radius: RS-IMLE per condition: candidates at Euclidean distance < radius from
             the example are rejected before the pick; an example with all S candidates rejected
             gets its nearest candidate (as :func:`fastgen.imle.select_latents`).
@@ -78,21 +84,25 @@ def select_conditional(generator: Callable[[torch.Tensor, torch.Tensor], torch.T
         (latents [B, latent_dim] (the candidates' dtype, data's device),
          dist2 float32 [B]: squared Euclidean distance from data_b to its selected sample
          (computed in float64 by direct differences, then rounded),
-         index int64 [B]: which of the S candidates was picked).
+         index int64 [B]: which of the S candidates was picked);
+        with ``grouped=True`` [B, N, latent_dim], [B, N], [B, N].
         The pick is exact (fastgen.knn within a slice, float64 distances across slices); ties
         go to the earliest candidate (lowest s).
 
     Raises:
         TypeError: non-tensor data / cond / latents, non-callable generator or sampler, a
-            generator or sampler returning a non-tensor.
+            generator or sampler returning a non-tensor, non-bool grouped.
         ValueError: empty or non-finite data, cond with another number of rows, n_candidates /
             latent_dim / batch_size < 1, latents of the wrong shape, a sampler returning the wrong
-            shape, a generator output without data's trailing shape, NaN / inf samples,
-            rejection_radius < 0.
+            shape, a generator output without the examples' trailing shape, NaN / inf samples,
+            rejection_radius < 0, grouped data with fewer than 2 dims.
     """
     check_tensor("data", data)
-    if data.dim() < 1:
-        raise ValueError("data must be [B, ...]")
+    if not isinstance(grouped, bool):
+        raise TypeError(f"grouped must be a bool, got {type(grouped).__name__}")
+    if data.dim() < (2 if grouped else 1):
+        raise ValueError(f"data must be {'[B, N, ...] with grouped=True' if grouped else '[B, ...]'}, "
+                         f"got shape {tuple(data.shape)}")
     if not isinstance(cond, torch.Tensor):
         raise TypeError(f"cond must be a torch.Tensor, got {type(cond).__name__}")
     if cond.dim() < 1 or cond.shape[0] != data.shape[0]:
@@ -100,6 +110,8 @@ def select_conditional(generator: Callable[[torch.Tensor, torch.Tensor], torch.T
     if cond.device != data.device:
         raise ValueError(f"cond is on {cond.device} but data is on {data.device}")
     B = data.shape[0]
+    Nn = data.shape[1] if grouped else 1
+    feat = tuple(data.shape[2:] if grouped else data.shape[1:])
     S = check_positive_int("n_candidates", n_candidates)
     L = check_positive_int("latent_dim", latent_dim)
     batch_size = min(B * S, DEFAULT_BATCH) if batch_size is None else check_positive_int("batch_size", batch_size)
@@ -123,17 +135,16 @@ def select_conditional(generator: Callable[[torch.Tensor, torch.Tensor], torch.T
 
     cb = max(1, batch_size // S)          # conditions per chunk
     sc = min(S, batch_size)               # samples per slice
-    feat = tuple(data.shape[1:])
-    ar = torch.arange(cb, device=device)
     out_z, out_d, out_i = [], [], []
     with torch.no_grad():
         check_finite("data", data)
         for c0 in range(0, B, cb):
             b = min(cb, B - c0)
-            q = data[c0:c0 + b].reshape(b, 1, -1)                         # [b, 1, D]
+            rows = torch.arange(b, device=device)[:, None]                # [b, 1]
+            q = data[c0:c0 + b].reshape(b, Nn, -1)                        # [b, N, D]
             cc = cond[c0:c0 + b]
-            best_d = torch.full((b,), float("inf"), dtype=torch.float64, device=device)
-            best_i = torch.zeros((b,), dtype=torch.int64, device=device)
+            best_d = torch.full((b, Nn), float("inf"), dtype=torch.float64, device=device)
+            best_i = torch.zeros((b, Nn), dtype=torch.int64, device=device)
             best_z = fb_d = fb_i = fb_z = None
             for s0 in range(0, S, sc):
                 s = min(sc, S - s0)
@@ -151,48 +162,47 @@ def select_conditional(generator: Callable[[torch.Tensor, torch.Tensor], torch.T
                 if not isinstance(out, torch.Tensor):
                     raise TypeError(f"generator must return a torch.Tensor, got {type(out).__name__}")
                 if tuple(out.shape) != (b * s,) + feat:
-                    raise ValueError(f"generator output must have shape (n,) + data's trailing shape {feat} "
+                    raise ValueError(f"generator output must have shape (n,) + the examples' trailing shape {feat} "
                                      f"= {(b * s,) + feat}, got {tuple(out.shape)}")
                 key = out.reshape(b, s, -1).to(q.dtype)
                 check_finite("generator output", key)
-                d, i, found, d0, i0 = nearest_eligible(q, key, r, backend=backend)   # [b, 1] each
-                i, found = i[:, 0], found[:, 0]
+                d, i, found, d0, i0 = nearest_eligible(q, key, r, backend=backend)   # [b, N] each
                 # the running best across slices is compared on exact float64 distances (knn's
                 # pick within a slice is exact; its fp32 dist2 could tie two different values)
                 d = torch.where(found, _exact_d2(q, key, i), torch.full_like(best_d, float("inf")))
-                zi = z[ar[:b], i]                                         # [b, L]
                 if best_z is None:
-                    best_z = torch.zeros((b, L), dtype=z.dtype, device=device)
+                    best_z = torch.zeros((b, Nn, L), dtype=z.dtype, device=device)
                 upd = d < best_d                  # strict: earlier slices win ties
                 best_d = torch.where(upd, d, best_d)
                 best_i = torch.where(upd, i + s0, best_i)
-                best_z = torch.where(upd[:, None], zi, best_z)
+                best_z = torch.where(upd[..., None], z[rows, i], best_z)
                 if r > 0:
-                    i0 = i0[:, 0]
                     d0 = _exact_d2(q, key, i0)
-                    z0 = z[ar[:b], i0]
                     if fb_z is None:
-                        fb_d, fb_i, fb_z = d0, i0 + s0, z0
+                        fb_d, fb_i, fb_z = d0, i0 + s0, z[rows, i0]
                     else:
                         u0 = d0 < fb_d
                         fb_d = torch.where(u0, d0, fb_d)
                         fb_i = torch.where(u0, i0 + s0, fb_i)
-                        fb_z = torch.where(u0[:, None], z0, fb_z)
+                        fb_z = torch.where(u0[..., None], z[rows, i0], fb_z)
             if r > 0:
                 miss = torch.isinf(best_d)
                 best_d = torch.where(miss, fb_d, best_d)
                 best_i = torch.where(miss, fb_i, best_i)
-                best_z = torch.where(miss[:, None], fb_z, best_z)
+                best_z = torch.where(miss[..., None], fb_z, best_z)
             out_z.append(best_z)
             out_d.append(best_d.float())
             out_i.append(best_i)
-    return torch.cat(out_z), torch.cat(out_d), torch.cat(out_i)
+    z, d, i = torch.cat(out_z), torch.cat(out_d), torch.cat(out_i)
+    if not grouped:
+        z, d, i = z[:, 0], d[:, 0], i[:, 0]
+    return z, d, i
 
 
 def _exact_d2(q: torch.Tensor, key: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """float64 [b]: ||q[j, 0] - key[j, i[j]]||^2 by direct differences."""
-    picked = key[torch.arange(key.shape[0], device=key.device), i]
-    return ((q[:, 0].double() - picked.double()) ** 2).sum(-1)
+    """float64 [b, N]: ||q[j, n] - key[j, i[j, n]]||^2 by direct differences."""
+    picked = key[torch.arange(key.shape[0], device=key.device)[:, None], i]     # [b, N, D]
+    return ((q.double() - picked.double()) ** 2).sum(-1)
 
 
 class ConditionalMLPGenerator(torch.nn.Module):
@@ -247,13 +257,13 @@ class _Autocast(torch.nn.Module):
 @dataclass
 class CIMLEConfig:
     """Hyper-parameters of :func:`train_cimle` (defaults: the digits setting)."""
-    epochs: int = 150
+    epochs: int = 200
     latent_dim: int = 16
     hidden: tuple = (512, 512, 512)
     batch_size: int = 64
     lr: float = 1e-3
     lr_final: float = 1e-4          # cosine decay from lr to lr_final over the run
-    n_candidates: int = 20          # S: candidates per condition at each re-selection
+    n_candidates: int = 40          # S: candidates per condition at each re-selection
     staleness: int = 5              # epochs between re-selections
     noise: float = 0.01             # latent perturbation between re-selections (std)
     out_act: str = "sigmoid"        # "sigmoid" (data in [0, 1]) or "none"
