@@ -7,7 +7,7 @@ import importlib
 import sys
 import traceback
 
-BENCHES = ["knn", "gaussian_nll", "spread_noise", "spread_log_likelihood", "select_latents"]
+BENCHES = ["knn", "knn_cuda", "gaussian_nll", "spread_noise", "spread_log_likelihood", "select_latents"]
 
 
 def main(argv=None) -> int:

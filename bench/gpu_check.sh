@@ -26,11 +26,12 @@ fi
 step "nvidia-smi"
 nvidia-smi >>"$LOG" 2>&1
 step "install (no network: --no-deps --no-build-isolation)"
-FASTGEN_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
-  || { echo "install with the extension failed; retrying without requiring it" | tee -a "$LOG";
-       $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; }
+FASTGEN_CUDA=1 FASTGEN_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
+  || { echo "install with the CUDA extension failed; retrying without requiring it" | tee -a "$LOG";
+       FASTGEN_CUDA=auto $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; }
 step "fastgen info"
 $PY -c "from fastgen._info import print_info; print_info()" >>"$LOG" 2>&1
+$PY -c "from fastgen import _backend as b; print('fastgen._C_cuda:', b.load_cuda_ext(), b.cuda_ext_error())" >>"$LOG" 2>&1
 
 step "pytest (whole suite, gpu-marked tests included)"
 $PY -m pytest -q -ra --durations=15 tests >"$OUT/pytest.log" 2>&1

@@ -96,7 +96,8 @@ def unavailable_reason(op: str, backend: str, device_type: str) -> str | None:
         if device_type != "cuda":
             return "the 'cuda' backend runs on CUDA tensors only"
         if not _backend.has_kernel(op, "CUDA"):
-            return _backend.ext_error() or "fastgen._C was built without CUDA kernels (FASTGEN_CUDA=0, no toolkit, or a CPU torch)"
+            return (_backend.ext_error() or _backend.cuda_ext_error()
+                    or f"fastgen._C_cuda has no CUDA kernel for {op}")
         return None
     if backend == "triton":
         return _triton_reason(device_type)

@@ -27,7 +27,10 @@ def info_lines() -> list[str]:
     if ext is None:
         lines.append(f"fastgen._C: not loaded: {_backend.ext_error()}")
     else:
-        lines.append(f"fastgen._C: loaded ({'CPU + CUDA' if getattr(ext, 'with_cuda', False) else 'CPU'} kernels)")
+        lines.append("fastgen._C: loaded (CPU kernels)")
+    cext = _backend.load_cuda_ext()
+    lines.append("fastgen._C_cuda: loaded (CUDA kernels)" if cext is not None
+                 else f"fastgen._C_cuda: not loaded: {_backend.cuda_ext_error()}")
     cuda = torch.cuda.is_available()
     lines.append(f"CUDA: {torch.cuda.get_device_name(0) if cuda else 'no CUDA device'}  "
                  f"CPU threads: {torch.get_num_threads()}")
