@@ -449,7 +449,21 @@ def make_condition(data_name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def default_cimle_config(data: str, epochs: int | None = None, seed: int = 0) -> CIMLEConfig:
-    """The tuned :class:`CIMLEConfig` of ``fastgen train --method cimle --data <data>``."""
+    """The tuned :class:`CIMLEConfig` of ``fastgen train --method cimle --data <data>``.
+
+    Measured (one thread, busy 2-core CPU; samples conditioned on the test split's conditions,
+    ``make_condition(data, x_test / scale)`` repeated to 1000 (digits) / 2500 (grid) rows):
+
+    * digits (4 x 4 average-pooled input, S = 40 candidates per condition, 200 epochs, 3 x 512
+      MLP, T = 1.0): precision / recall / class_coverage 0.980 / 0.883 / 10, 0.979 / 0.900 / 10,
+      0.985 / 0.875 / 10 for seeds 0, 1, 2 (train 70-110 s). S = 20 and 150 epochs: 0.98 / 0.83-0.86
+      in half the time. For scale, upsampling the same 4 x 4 inputs (nearest): 0.42 / 0.00.
+    * grid-gmm (x-coordinate given, 5 modes in y): 25 / 25 modes for seeds 0, 1, 2, high-quality
+      fraction 0.71-0.73 (train 60-90 s). The uniform prior and the identity skip matter (normal
+      prior, no skip, 400 epochs: 20-21 / 25); larger S lowers the training loss but strands more
+      samples between modes (S = 50, no skip: 18-20 / 25); smaller S fits looser (S = 10 with the
+      skip: 25 / 25 but high-quality fraction 0.47; S = 3 without it: 3 / 25).
+    """
     if data == "digits":
         cfg = CIMLEConfig()
     elif data in ("grid-gmm", "grid_gmm"):
