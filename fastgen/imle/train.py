@@ -333,7 +333,9 @@ def train_imle(x: torch.Tensor, config: IMLEConfig, *, progress: bool = True, de
             bar.set_postfix(loss=f"{res.loss[-1]:.4f}", refresh=False)
         res.train_seconds = seconds0 + time.perf_counter() - t0
         if checkpoint_every and ((ep + 1) % checkpoint_every == 0 or ep + 1 == config.epochs):
+            tw = time.perf_counter()
             save(ep + 1, res.train_seconds)
+            t0 += time.perf_counter() - tw          # train_seconds excludes checkpoint writes
         if callback is not None:
             callback(ep, res)
     res.train_seconds = seconds0 + time.perf_counter() - t0
