@@ -6,15 +6,17 @@
 // (computed in double from the original inputs) rounded once to the output dtype.
 //
 // Algorithm (per batch; never an N x M matrix):
-//  1. Centre: mu = mean of the keys (double); a = fl32(q - mu), b = fl32(k - mu). Keys are packed
+//  1. Centre: mu = mean of the keys (double, rounded to fp32); a = fl32(q - mu), b = fl32(k - mu)
+//     (one fp32 subtraction for fp32 / fp16 / bf16 inputs, see centre()). Keys are packed
 //     into tiles of NR keys, transposed ([D][NR], then the NR norms ||b||^2), queries into panels
 //     of MR queries ([D][MR]).
 //  2. Fast pass: for each (MR x NR) tile the micro-kernel computes r = ||b||^2 - 2 a.b in fp32
 //     registers (FMA chains of length L, summed into a tile accumulator: the rounding error grows
 //     with L + D / L, not D), compares r with each query's running threshold and, rarely, inserts
 //     into a per-query max-heap of the C = k + extra smallest r (the candidates). Blocked over
-//     keys (a key block stays in L2) and over queries; OpenMP over (query range, key chunk) tasks,
-//     so small N with large M still fills every core (per-chunk heaps are merged afterwards).
+//     keys (a key block stays in L2) and over queries (long query ranges: the keys are streamed
+//     from memory once per range); OpenMP over (query range, key chunk) tasks, so small N with
+//     large M still fills every core (per-chunk heaps are merged afterwards). See scan_plan.
 //  3. Exact re-rank: the C candidates' distances are recomputed in double by direct differences
 //     from the original inputs and sorted by (distance, index).
 //  4. Certificate: with delta a rigorous bound on |(||a||^2 + r) - ||q - k||^2| (fp32 rounding of the
@@ -46,6 +48,7 @@
 #include <ctime>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -153,7 +156,7 @@ struct Buf {
 // Per-thread workspace of the fast pass, kept between calls: fresh multi-MiB buffers cost more
 // in page faults than the packing itself. Buffers above 256 MiB are released after each call.
 struct Workspace {
-  Buf<float> kpack, qpack, rv, thr;
+  Buf<float> kpack, qpack, rv, thr, sh;
   Buf<int32_t> ri, rn;
   Buf<double> nq, part, mu;
   void trim() {
@@ -398,30 +401,22 @@ struct TopCEpi {
   }
 };
 
-// Fallback epilogue: rows whose r is <= their threshold call h(row, r_row[NR], mask).
+// Fallback epilogue: for each row with keys whose r is <= the row's threshold, h(row, mask).
 template <class Handler>
 struct CollectEpi {
   const float* thr;
-  Handler& h;
-  __attribute__((always_inline)) inline void operator()(Simd::V (&x)[MR][NV]) const {
-    uint64_t masks[MR];
-    uint64_t any = 0;
+  Handler h;
+  __attribute__((always_inline)) inline void operator()(Simd::V (&x)[MR][NV]) {
     for (int r = 0; r < MR; ++r) {
       const Simd::V t = Simd::set1(thr[r]);
       uint64_t mk = 0;
       for (int v = 0; v < NV; ++v) mk |= Simd::le(x[r][v], t) << (v * W);
-      masks[r] = mk;
-      any |= mk;
-    }
-    if (__builtin_expect(any == 0, 1)) return;
-    alignas(64) float vals[NR];
-    for (int r = 0; r < MR; ++r) {
-      if (!masks[r]) continue;
-      for (int v = 0; v < NV; ++v) Simd::store(vals + v * W, x[r][v]);
-      h(r, vals, masks[r]);
+      if (__builtin_expect(mk != 0, 0)) h(r, mk);
     }
   }
 };
+template <class Handler>
+CollectEpi(const float*, Handler) -> CollectEpi<Handler>;
 
 constexpr double U32 = 1.0 / 16777216.0;  // 2^-24, unit roundoff of fp32
 
@@ -548,6 +543,143 @@ inline int input_status(const T* q, const T* key, int64_t N, int64_t M, int64_t 
 }
 
 // ------------------------------------------------------------------------------------------
+// The scan over (query panel, key tile) pairs shared by the fast pass and the fallback rescan.
+// Tasks are (query range of rp panels, key chunk); a task walks its key chunk in blocks of kb
+// tiles (~384 KiB, kept in L2) and passes every panel of its range over each block, so the keys
+// are streamed from memory once per query range. Key chunks split M when there are too few
+// ranges to keep every thread busy (small N, large M); each chunk has its own top-k state, merged
+// afterwards.
+// scan_task must be inlined into the OpenMP region: called out of line it ran 30 % slower.
+// ------------------------------------------------------------------------------------------
+struct ScanPlan {
+  int64_t n_panels, rp, n_ranges, n_chunks, n_kt, kb;
+  int64_t tasks() const { return n_ranges * n_chunks; }
+};
+
+// max_chunks: the most key chunks allowed (each chunk must hold enough keys for the state it keeps)
+inline ScanPlan scan_plan(int64_t n_panels, int64_t n_kt, int64_t D, int nt, int64_t max_chunks) {
+  const int64_t panel_bytes = D * MR * (int64_t)sizeof(float);
+  // a range's panels (up to ~768 KiB) stay in L2 / L3 while every key block passes over them: the
+  // keys (often larger than L3) are streamed from memory once per range (measured at D = 512, one
+  // thread: 16 panels a range 181 ms, 32 170 ms, 48 and more 165-168 ms)
+  const int64_t rp_max = std::max<int64_t>(1, std::min<int64_t>(256, (768 * 1024) / panel_bytes));
+  // at least 4 ranges a thread where there are panels for them, a multiple of nt (even finish)
+  int64_t n_ranges = std::max<int64_t>((n_panels + rp_max - 1) / rp_max, std::min<int64_t>(n_panels, 4 * nt));
+  n_ranges = std::min<int64_t>(n_panels, (n_ranges + nt - 1) / nt * nt);
+  const int64_t rp = (n_panels + n_ranges - 1) / n_ranges;  // balanced ranges
+  // too few panels (small N): split the keys into chunks too
+  int64_t n_chunks = 1;
+  if (nt > 1 && n_ranges < 4 * nt) n_chunks = (4 * nt + n_ranges - 1) / n_ranges;
+  n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, max_chunks));
+  const int64_t tile_bytes = (D + 1) * NR * (int64_t)sizeof(float);
+  const int64_t kb = std::max<int64_t>(1, (384 * 1024) / tile_bytes);
+  return {n_panels, rp, (n_panels + rp - 1) / rp, n_chunks, n_kt, kb};
+}
+
+// One task of the plan: the micro-kernel on every (panel, tile) pair of the task, with the
+// epilogue make_epi(chunk, panel, tile).
+template <class MakeEpi>
+__attribute__((always_inline)) inline void scan_task(const ScanPlan& sp, int64_t task, const float* panels, const float* kpack, int64_t D,
+                      int64_t L, float* acc_mem, MakeEpi&& make_epi) {
+  const int64_t qr = task / sp.n_chunks, kc = task % sp.n_chunks;
+  const int64_t p0 = qr * sp.rp, p1 = std::min(sp.n_panels, p0 + sp.rp);
+  const int64_t t0 = kc * sp.n_kt / sp.n_chunks, t1 = (kc + 1) * sp.n_kt / sp.n_chunks;
+  const int64_t tile_stride = (D + 1) * NR;
+  for (int64_t tb = t0; tb < t1; tb += sp.kb) {
+    const int64_t te = std::min(t1, tb + sp.kb);
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* qp = panels + p * D * MR;
+      for (int64_t t = tb; t < te; ++t) tile_kernel(qp, kpack + t * tile_stride, D, L, acc_mem, make_epi(kc, p, t));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Centring and packing. The shift s is the mean of (a sample of) the keys rounded to fp32; any
+// shift leaves the distances unchanged. Inputs that convert to fp32 exactly (fp32, fp16, bf16) are
+// centred by one fp32 subtraction, a' = fl32(x - s); double inputs in double, then rounded once
+// more. Either way |a' - (x - s)| <= (u + 2^-52) |x - s| (Bound's eps).
+// ------------------------------------------------------------------------------------------
+template <typename T>
+inline float centre(T x, float s) { return (float)x - s; }
+template <>
+inline float centre<double>(double x, float s) { return (float)(x - (double)s); }
+
+// Rows [j0, j0 + cnt) of x ([rows][D]) into the transposed panel out[d * LD + l] (l < cnt;
+// lanes cnt..LD-1 are zero), and their ||.||^2 (of the fp32 centred values, summed in double)
+// into nrm[0..LD).
+template <typename T, int LD>
+inline void pack_rows(const T* x, int64_t j0, int64_t cnt, int64_t D, const float* sh, float* out, double* nrm) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value && LD % 8 == 0) {
+    if (D < ((int64_t)1 << 26)) {  // gather offsets l * D fit in int32
+      // column d of 8 / 16 rows per gather; the rows' cache lines stay in L1 for 16 columns
+      constexpr int NG = LD / 16, NH = (LD % 16) / 8;  // 16-lane and 8-lane groups
+      const __m512i off16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32((int)D));
+      const __m256i off8 = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)D));
+      __mmask16 m16[NG > 0 ? NG : 1];
+      __mmask8 m8[NH > 0 ? NH : 1];
+      __m512d acc[2 * NG + NH + 1];
+      for (int g = 0; g < 2 * NG + NH + 1; ++g) acc[g] = _mm512_setzero_pd();
+      for (int g = 0; g < NG; ++g) {
+        const int64_t v = std::max<int64_t>(0, std::min<int64_t>(16, cnt - 16 * g));
+        m16[g] = (__mmask16)(v >= 16 ? 0xffffu : ((1u << v) - 1u));
+      }
+      for (int h = 0; h < NH; ++h) {
+        const int64_t v = std::max<int64_t>(0, std::min<int64_t>(8, cnt - 16 * NG - 8 * h));
+        m8[h] = (__mmask8)(v >= 8 ? 0xffu : ((1u << v) - 1u));
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 s16 = _mm512_set1_ps(sh[d]);
+        for (int g = 0; g < NG; ++g) {
+          __m512 c = _mm512_setzero_ps();
+          if (m16[g]) {
+            const float* base = x + (j0 + 16 * g) * D + d;
+            c = _mm512_maskz_sub_ps(m16[g], _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m16[g], off16, base, 4),
+                                    s16);
+          }
+          _mm512_storeu_ps(out + d * LD + 16 * g, c);
+          const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(c));
+          const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)));
+          acc[2 * g] = _mm512_fmadd_pd(lo, lo, acc[2 * g]);
+          acc[2 * g + 1] = _mm512_fmadd_pd(hi, hi, acc[2 * g + 1]);
+        }
+        for (int h = 0; h < NH; ++h) {
+          __m256 c = _mm256_setzero_ps();
+          if (m8[h]) {
+            const float* base = x + (j0 + 16 * NG + 8 * h) * D + d;
+            c = _mm256_maskz_sub_ps(m8[h], _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m8[h], off8, base, 4),
+                                    _mm256_set1_ps(sh[d]));
+          }
+          _mm256_storeu_ps(out + d * LD + 16 * NG + 8 * h, c);
+          const __m512d w = _mm512_cvtps_pd(c);
+          acc[2 * NG + h] = _mm512_fmadd_pd(w, w, acc[2 * NG + h]);
+        }
+      }
+      for (int g = 0; g < 2 * NG + NH; ++g) _mm512_storeu_pd(nrm + 8 * g, acc[g]);
+      return;
+    }
+  }
+#endif
+  // generic: blocks of 16 dims (the panel rows being written stay in L1)
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    const int64_t d1 = std::min(D, d0 + 16);
+    for (int l = 0; l < LD; ++l) {
+      if (l < cnt) {
+        const T* xj = x + (j0 + l) * D;
+        for (int64_t d = d0; d < d1; ++d) out[d * LD + l] = centre(xj[d], sh[d]);
+      } else {
+        for (int64_t d = d0; d < d1; ++d) out[d * LD + l] = 0.0f;
+      }
+    }
+  }
+  for (int l = 0; l < LD; ++l) nrm[l] = 0.0;
+  for (int64_t d = 0; d < D; ++d)
+    for (int l = 0; l < LD; ++l) nrm[l] += (double)out[d * LD + l] * (double)out[d * LD + l];
+}
+
+// ------------------------------------------------------------------------------------------
 // One batch element. Returns the input status (the outputs are complete only when it is 0).
 // ------------------------------------------------------------------------------------------
 template <typename T, typename OutT>
@@ -573,16 +705,9 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
   const int64_t RB = topc_stride(C);
   const int64_t n_mu = std::min<int64_t>(M, 4096);  // keys averaged for the centre
 
-  // Tasks of the fast pass: (query range of QRP panels, key chunk). Key chunks split M when there
-  // are too few query ranges to keep every thread busy (small N, large M); each chunk has its own
-  // reservoirs, merged in the re-rank.
-  const int64_t QRP = std::max<int64_t>(1, std::min<int64_t>(16, (n_qp + 2 * nt - 1) / (2 * nt)));
-  const int64_t n_qr = (n_qp + QRP - 1) / QRP;
-  int64_t nks = 1;
-  if (nt > 1 && n_qr < 4 * nt) nks = (4 * nt + n_qr - 1) / n_qr;
-  nks = std::max<int64_t>(1, std::min<int64_t>(nks, n_kt / std::max<int64_t>(1, (C + NR - 1) / NR)));
-  // key block: about 384 KiB of packed keys, reused from L2 by every panel of the query range
-  const int64_t KB = std::max<int64_t>(1, (384 * 1024) / (tile_stride * (int64_t)sizeof(float)));
+  // tasks of the fast pass (scan_plan); a key chunk must hold at least C keys
+  const ScanPlan plan = scan_plan(n_qp, n_kt, D, nt, n_kt / std::max<int64_t>(1, (C + NR - 1) / NR));
+  const int64_t nks = plan.n_chunks;
 
   Workspace& ws = workspace();
   struct TrimGuard {
@@ -590,6 +715,7 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
     ~TrimGuard() { w.trim(); }
   } trim_guard{ws};
   double* mu = ws.mu.ensure(D);
+  float* sh = ws.sh.ensure(D);  // the shift: mu rounded to fp32
   float* kpack = ws.kpack.ensure((size_t)(n_kt * tile_stride));
   float* qpack = ws.qpack.ensure((size_t)(n_qp * D * MR));
   double* nq = ws.nq.ensure(Npad);
@@ -607,20 +733,8 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
   std::vector<double> fail_tau;
 
   auto pack_queries = [&](int64_t p, double& a2m, int& bad) {
-    float* qp = qpack + p * D * MR;
-    for (int r = 0; r < MR; ++r) {
-      const int64_t i = p * MR + r;
-      if (i < N) {
-        const T* qi = q + i * D;
-        for (int64_t d = 0; d < D; ++d) qp[d * MR + r] = (float)((double)qi[d] - mu[d]);
-      } else {
-        for (int64_t d = 0; d < D; ++d) qp[d * MR + r] = 0.0f;
-      }
-    }
     double nrm[MR];
-    for (int r = 0; r < MR; ++r) nrm[r] = 0.0;
-    for (int64_t d = 0; d < D; ++d)
-      for (int r = 0; r < MR; ++r) nrm[r] += (double)qp[d * MR + r] * (double)qp[d * MR + r];
+    pack_rows<T, MR>(q, p * MR, std::min<int64_t>(MR, N - p * MR), D, sh, qpack + p * D * MR, nrm);
     for (int r = 0; r < MR; ++r) {
       nq[p * MR + r] = nrm[r];
       a2m = std::max(a2m, nrm[r]);
@@ -639,20 +753,20 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
   };
 
   // ---- 1. centre and pack ----
-  // mu: the mean of (a strided sample of at most 4096) keys, in double. Any shift leaves the
-  // distances unchanged; the bound uses the norms of the centred data, whatever mu is.
+  // shift: the mean of (a strided sample of at most 4096) keys, in double, rounded to fp32. Any
+  // shift leaves the distances unchanged; the bound uses the norms of the centred data, whatever
+  // the shift is.
   for (int64_t u = 0; u < n_mu; ++u) {
     const T* kj = key + (u * M / n_mu) * D;
     for (int64_t d = 0; d < D; ++d) mu[d] += (double)kj[d];
   }
-  for (int64_t d = 0; d < D; ++d) mu[d] /= (double)n_mu;
+  for (int64_t d = 0; d < D; ++d) sh[d] = (float)(mu[d] / (double)n_mu);
 
   // One parallel region, three barriers (after packing, after the fast pass, at the end): on a
   // shared machine every barrier waits for the slowest thread.
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    // keys: tiles [D][NR] + norms, transposed in blocks of 16 dims (the tile rows being written
-    // stay in L1)
+    // keys: tiles [D][NR] + norms; queries: panels [D][MR] (pack_rows)
 #pragma omp for schedule(dynamic, 8) reduction(max : b2max, a2max) reduction(| : nonfinite)
     for (int64_t item = 0; item < n_kt + n_qp; ++item) {
       if (item >= n_kt) {  // a query panel [D][MR]
@@ -662,22 +776,8 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
       }
       const int64_t t = item;
       float* kp = kpack + t * tile_stride;
-      for (int64_t d0 = 0; d0 < D; d0 += 16) {
-        const int64_t d1 = std::min(D, d0 + 16);
-        for (int l = 0; l < NR; ++l) {
-          const int64_t j = t * NR + l;
-          if (j < M) {
-            const T* kj = key + j * D;
-            for (int64_t d = d0; d < d1; ++d) kp[d * NR + l] = (float)((double)kj[d] - mu[d]);
-          } else {
-            for (int64_t d = d0; d < d1; ++d) kp[d * NR + l] = 0.0f;
-          }
-        }
-      }
-      double nrm[NR];  // ||b'||^2 in double, vectorised across the tile's keys
-      for (int l = 0; l < NR; ++l) nrm[l] = 0.0;
-      for (int64_t d = 0; d < D; ++d)
-        for (int l = 0; l < NR; ++l) nrm[l] += (double)kp[d * NR + l] * (double)kp[d * NR + l];
+      double nrm[NR];  // ||b'||^2 in double
+      pack_rows<T, NR>(key, t * NR, std::min<int64_t>(NR, M - t * NR), D, sh, kp, nrm);
       float* nk = kp + D * NR;
       for (int l = 0; l < NR; ++l) {
         if (t * NR + l < M) {
@@ -706,21 +806,10 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
     if (!ovf) {
       alignas(64) float acc_mem[MR * NR];
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < n_qr * nks; ++task) {
-        const int64_t qr = task / nks, kc = task % nks;
-        const int64_t p0 = qr * QRP, p1 = std::min(n_qp, p0 + QRP);
-        const int64_t t0 = kc * n_kt / nks, t1 = (kc + 1) * n_kt / nks;
-        for (int64_t tb = t0; tb < t1; tb += KB) {
-          const int64_t te = std::min(t1, tb + KB);
-          for (int64_t p = p0; p < p1; ++p) {
-            const float* qp = qpack + p * D * MR;
-            const int64_t row0 = kc * Npad + p * MR;
-            for (int64_t t = tb; t < te; ++t)
-              tile_kernel(qp, kpack + t * tile_stride, D, L, acc_mem,
-                          TopCEpi{res, row0, (int32_t)(t * NR)});
-          }
-        }
-      }
+      for (int64_t task = 0; task < plan.tasks(); ++task)
+        scan_task(plan, task, qpack, kpack, D, L, acc_mem, [&](int64_t kc, int64_t p, int64_t t) {
+          return TopCEpi{res, kc * Npad + p * MR, (int32_t)(t * NR)};
+        });
       // implicit barrier
 
       // ---- 3 + 4. merge chunks, exact re-rank, certificate ----
@@ -826,10 +915,8 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
       }
     }
   }
-  const int64_t FRP = std::max<int64_t>(1, std::min<int64_t>(16, (n_fp + 2 * nt - 1) / (2 * nt)));
-  const int64_t n_fr = (n_fp + FRP - 1) / FRP;
-  int64_t fks = 1;
-  if (nt > 1 && n_fr < 4 * nt) fks = std::min<int64_t>(n_kt, (4 * nt + n_fr - 1) / n_fr);
+  const ScanPlan fplan = scan_plan(n_fp, n_kt, D, nt, n_kt);
+  const int64_t fks = fplan.n_chunks;
   Buf<double> ev((size_t)(fks * Fpad * k));
   Buf<int32_t> ei((size_t)(fks * Fpad * k));
   std::vector<int32_t> en(fks * Fpad, 0);
@@ -842,42 +929,32 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
   {
     alignas(64) float acc_mem[MR * NR];
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_fr * fks; ++task) {
-      const int64_t qr = task / fks, kc = task % fks;
-      const int64_t p0 = qr * FRP, p1 = std::min(n_fp, p0 + FRP);
-      const int64_t t0 = kc * n_kt / fks, t1 = (kc + 1) * n_kt / fks;
-      for (int64_t tb = t0; tb < t1; tb += KB) {
-        const int64_t te = std::min(t1, tb + KB);
-        for (int64_t p = p0; p < p1; ++p) {
-          const float* fp = fpack.p + p * D * MR;
-          const int64_t row0 = kc * Fpad + p * MR;
-          float* tau_p = tau.p + row0;
-          for (int64_t t = tb; t < te; ++t) {
-            const int32_t key0 = (int32_t)(t * NR);
-            auto h = [&](int r, const float*, uint64_t m) {
-                                const int64_t i = fq[p * MR + r];
-                                const int64_t row = row0 + r;
-                                double* v = ev.p + row * k;
-                                int32_t* id = ei.p + row * k;
-                                int32_t& n = en[row];
-                                const T* qi = q + i * D;
-                                while (m) {
-                                  const int bit = __builtin_ctzll(m);
-                                  m &= m - 1;
-                                  const int32_t j = key0 + bit;
-                                  heap_offer(v, id, n, (int)k, exact_d2(qi, key + (int64_t)j * D, D), j);
-                                }
-                                if (n == k) {  // tighten: only keys that can still beat the k-th
-                                  const double delta = bound(std::sqrt(nq[i]));
-                                  const double slop = (double)(D + 8) * std::ldexp(1.0, -52) * (nq[i] + delta + v[0]);
-                                  tau_p[r] = std::min(tau_p[r], float_up(v[0] - nq[i] + delta + slop));
-                                }
-                              };
-            tile_kernel(fp, kpack + t * tile_stride, D, L, acc_mem, CollectEpi<decltype(h)>{tau_p, h});
+    for (int64_t task = 0; task < fplan.tasks(); ++task)
+      scan_task(fplan, task, fpack.p, kpack, D, L, acc_mem, [&](int64_t kc, int64_t p, int64_t t) {
+        const int64_t row0 = kc * Fpad + p * MR;
+        float* tau_p = tau.p + row0;
+        const int32_t key0 = (int32_t)(t * NR);
+        // rows whose r is <= their threshold: evaluate those keys exactly, tighten the threshold
+        return CollectEpi{tau_p, [&, p, row0, tau_p, key0](int r, uint64_t m) {
+          const int64_t i = fq[p * MR + r];
+          const int64_t row = row0 + r;
+          double* v = ev.p + row * k;
+          int32_t* id = ei.p + row * k;
+          int32_t& n = en[row];
+          const T* qi = q + i * D;
+          while (m) {
+            const int bit = __builtin_ctzll(m);
+            m &= m - 1;
+            const int32_t j = key0 + bit;
+            heap_offer(v, id, n, (int)k, exact_d2(qi, key + (int64_t)j * D, D), j);
           }
-        }
-      }
-    }
+          if (n == k) {  // tighten: only keys that can still beat the k-th
+            const double delta = bound(std::sqrt(nq[i]));
+            const double slop = (double)(D + 8) * std::ldexp(1.0, -52) * (nq[i] + delta + v[0]);
+            tau_p[r] = std::min(tau_p[r], float_up(v[0] - nq[i] + delta + slop));
+          }
+        }};
+      });
     std::vector<std::pair<double, int32_t>> ex(fks * k);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t s = 0; s < nf; ++s) {
