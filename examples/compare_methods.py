@@ -11,7 +11,7 @@ Methods: imle, rs-imle, adaptive-imle, and cimle when the command line offers it
     python examples/compare_methods.py --data digits --seeds 0 1
     python examples/compare_methods.py --table-only          # rebuild the table from runs
 
-A run whose metrics.json exists with the same method / seed / epochs is reused (``--force``
+A run whose metrics.json exists with the same method, seed and config is reused (``--force``
 re-runs it).
 
 ``--temperatures T1 T2 ...`` adds a second table for digits: the trained generators (model.pt)
@@ -210,8 +210,11 @@ def main(argv=None) -> int:
             for seed in a.seeds:
                 d = run_dir(a.runs_dir, method, data, seed)
                 m = _load(d)
-                fresh = (m is not None and m.get("method") == method and m["config"].get("seed") == seed
-                         and (a.epochs is None or m["config"].get("epochs") == a.epochs))
+                fresh = m is not None and m.get("method") == method and m["config"].get("seed") == seed
+                if fresh and method in cli.IMLE_METHODS:       # same tuned config as now
+                    fresh = m["config"] == cli.default_config(data, a.epochs, seed, method).to_dict()
+                elif fresh:
+                    fresh = a.epochs is None or m["config"].get("epochs") == a.epochs
                 if not a.table_only and (a.force or not fresh):
                     t = time.perf_counter()
                     m = cli.run(method, data, d, epochs=a.epochs, seed=seed, progress=False, baseline=False,
