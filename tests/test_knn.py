@@ -267,3 +267,44 @@ def test_nan_inf_every_backend(backend):
         fastgen.knn(q, torch.cat([key, torch.full((1, 3), float("-inf"))]), 2, backend=backend)
     with pytest.raises(ValueError, match="key"):  # few keys: the brute-force path
         fastgen.knn(q, torch.cat([key[:3], torch.full((1, 3), float("nan"))]), 2, backend=backend)
+
+
+# ------------------------------------------------------------------------------- C++ kernel paths
+_CPU = pytest.mark.skipif(_NO_EXT, reason="fastgen._C not built")
+
+
+@_CPU
+@pytest.mark.parametrize("M", [49, 64, 65, 81, 95, 97])  # partial key tiles: 1, 16, 17, 33, 47, 1 keys past 48
+@pytest.mark.parametrize("N,D", [(1, 17), (7, 1), (9, 100), (15, 33)])
+def test_cpu_packing_boundaries(N, M, D):
+    """Key tiles of 48 (gathered 16 keys at a time, masked past M), query panels of 8, any D."""
+    q, key = clustered(N, M, D, n_clusters=3, seed=N * M + D)
+    check(q, key, 2, "cpu")
+
+
+@_CPU
+@pytest.mark.parametrize("nt", [1, 2])
+def test_cpu_large_d_k_gt_1(nt):
+    """D = 512 with k = 8 on offset clusters, on one thread and on two (query ranges x key chunks)."""
+    q, key = clustered(160, 1600, 512, n_clusters=8, seed=21)  # N M D above the kernel's threading threshold
+    old = torch.get_num_threads()
+    torch.set_num_threads(nt)
+    try:
+        check(q, key, 8, "cpu")
+    finally:
+        torch.set_num_threads(old)
+
+
+@_CPU
+def test_cpu_threaded_ranges_and_rescan():
+    """Two threads, many query ranges, and most queries uncertified (integer grid: masses of exact
+    ties at the k-th distance) so the pruned rescan runs over several ranges and key chunks."""
+    g = torch.Generator().manual_seed(22)
+    key = torch.randint(0, 4, (8200, 4), generator=g).float() + 1e3
+    q = torch.randint(0, 4, (2050, 4), generator=g).float() + 1e3
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check(q, key, 3, "cpu")
+    finally:
+        torch.set_num_threads(old)

@@ -567,13 +567,14 @@ inline ScanPlan scan_plan(int64_t n_panels, int64_t n_kt, int64_t D, int nt, int
   int64_t n_ranges = std::max<int64_t>((n_panels + rp_max - 1) / rp_max, std::min<int64_t>(n_panels, 4 * nt));
   n_ranges = std::min<int64_t>(n_panels, (n_ranges + nt - 1) / nt * nt);
   const int64_t rp = (n_panels + n_ranges - 1) / n_ranges;  // balanced ranges
+  n_ranges = (n_panels + rp - 1) / rp;
   // too few panels (small N): split the keys into chunks too
   int64_t n_chunks = 1;
   if (nt > 1 && n_ranges < 4 * nt) n_chunks = (4 * nt + n_ranges - 1) / n_ranges;
   n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, max_chunks));
   const int64_t tile_bytes = (D + 1) * NR * (int64_t)sizeof(float);
   const int64_t kb = std::max<int64_t>(1, (384 * 1024) / tile_bytes);
-  return {n_panels, rp, (n_panels + rp - 1) / rp, n_chunks, n_kt, kb};
+  return {n_panels, rp, n_ranges, n_chunks, n_kt, kb};
 }
 
 // One task of the plan: the micro-kernel on every (panel, tile) pair of the task, with the
