@@ -2,6 +2,12 @@
 wrong-neighbour count on clustered data far from the origin (the case that breaks fp32).
 
 usage: python -m bench.knn [--quick] [--device cpu|cuda] [--outdir DIR] [--rep-ms MS] [--k K]
+                          [--threads T] [--rounds R] [--peers a,b] [--cases i,j] [--no-sweep]
+
+On a shared machine use --rounds R: every peer is timed R times per case, the rounds interleaved
+(peer A, B, ..., A, B, ...), so that a busy spell hits all peers alike; a row's median_ms is the
+median of the R medians and its note lists them with their minimum. --threads T sets torch's and
+faiss's thread counts (the CSV file is named after it: cpu-<T>t-...).
 
 Data: N queries and M keys drawn around 100 unit-normal cluster centres (std 1e-2) and offset by
 1e3 in every coordinate (issue 8). "wrong" counts the queries whose k indices differ from the
@@ -81,7 +87,7 @@ def _expansion(q, key):
     return (q * q).sum(1, keepdim=True) + (key * key).sum(1)[None] - 2.0 * (q @ key.T)
 
 
-def peers(device: torch.device, k: int) -> dict:
+def peers(device: torch.device, k: int, threads: int | None = None) -> dict:
     cuda = device.type == "cuda"
     p = {}
     here = [b for b in ("cpu", "triton", "faiss", "torch")
@@ -95,6 +101,8 @@ def peers(device: torch.device, k: int) -> dict:
     try:
         import faiss
 
+        if threads:
+            faiss.omp_set_num_threads(threads)
         if cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             import faiss.contrib.torch_utils  # noqa: F401
 
@@ -133,7 +141,8 @@ def peers(device: torch.device, k: int) -> dict:
     return p
 
 
-def _mm_floor(q, key, device, rep_ms):
+def _mm_floor(q, key, device):
+    """torch.mm into a preallocated output, chunked like the matrix peers: a floor, not a kNN."""
     N, M = q.shape[0], key.shape[0]
     step = _rows_per_chunk(N, M)
     buf = torch.empty(min(N, step), M, device=device)
@@ -143,7 +152,7 @@ def _mm_floor(q, key, device, rep_ms):
             e = min(N, s + step)
             torch.mm(q[s:e], key.T, out=buf[: e - s])
 
-    return bench(run, device=device, rep_ms=rep_ms)
+    return run
 
 
 def _exact(q, key, k, quick: bool, device) -> torch.Tensor:
@@ -176,25 +185,61 @@ def _plot_vs_m(rows: list, path: str) -> None:
     print(f"wrote {path}")
 
 
+def _timed_rounds(fns: dict, rounds: int, device, rep_ms: float, slow: set) -> dict:
+    """Time every fn in fns, rounds times, the rounds interleaved; slow peers get one round."""
+    out = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if r and name in slow:
+                continue
+            out[name].append(bench(fn, device=device, rep_ms=rep_ms, min_reps=3 if name in slow else 5))
+    return out
+
+
+def _summarise(tms: list) -> tuple[dict, str]:
+    """The round whose median is the median of the medians, and a note listing all medians."""
+    tms = sorted(tms, key=lambda t: t["median_ms"])
+    mid = tms[(len(tms) - 1) // 2]
+    if len(tms) == 1:
+        return mid, ""
+    meds = "/".join(f"{t['median_ms']:.1f}" for t in tms)
+    return mid, f"{len(tms)} rounds: medians {meds} ms; min-of-medians {tms[0]['median_ms']:.1f}"
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--k", type=int, default=1, help="neighbours per query (default 1)")
     p.add_argument("--no-sweep", action="store_true", help="skip the time-vs-M sweep")
+    p.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: torch's)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds per case (default 1)")
+    p.add_argument("--peers", default=None, help="comma-separated peer names to run (default: all)")
+    p.add_argument("--cases", default=None, help="comma-separated indices into the case list (default: all)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     k = args.k
     cases = QUICK_CASES if args.quick else (GPU_CASES if cuda else CPU_CASES)
+    if args.cases:
+        cases = [cases[int(c)] for c in args.cases.split(",")]
     sweep = [1024, 4096] if args.quick else ([16384, 65536, 262144, 1048576] if cuda else [4096, 16384, 65536])
     rep_ms = args.rep_ms or (30.0 if args.quick else (300.0 if cuda else 1500.0))
     rec = Recorder("knn", args.outdir, device)
-    impls = peers(device, k)
+    impls = peers(device, k, args.threads)
+    if args.peers:
+        want = args.peers.split(",")
+        unknown = sorted(set(want) - set(impls) - {"mm-only-fp32"})
+        if unknown:
+            raise SystemExit(f"unknown or unavailable peers {unknown}; here: {sorted(impls)}")
+        impls = {n: f for n, f in impls.items() if n in want}
+    floor_on = not args.peers or "mm-only-fp32" in args.peers.split(",")
     summary = []
     for (N, M, D) in cases:
         case = f"{N}x{M}x{D} k={k}"
         q, key = clustered(N, M, D, device=device)
         exact = _exact(q, key, k, args.quick, device)
-        res = {}
+        wrong, fns = {}, {}
         for name, fn in impls.items():
             slow = name in SLOW_PEERS
             if slow and not args.quick and (N * M * D > 4e10 or (cuda and N * M * D > 4e11)):
@@ -206,12 +251,20 @@ def main(argv=None) -> int:
                 rec.add(case, name, q.dtype, "fwd", None, note=f"failed: {type(e).__name__}: {str(e)[:80]}")
                 continue
             i = torch.as_tensor(i).to(exact.device).reshape(exact.shape).long()
-            wrong = int((i != exact).any(dim=1).sum())
-            tm = bench(lambda: fn(q, key), device=device, rep_ms=rep_ms, min_reps=3 if slow else 5)
-            res[name] = tm["median_ms"]
-            rec.add(case, name, q.dtype, "fwd", tm, wrong=f"{wrong}/{N}")
-        floor = _mm_floor(q, key, device, rep_ms)
-        rec.add(case, "mm-only-fp32", q.dtype, "fwd", floor, note="floor: the matmul alone, not a kNN")
+            wrong[name] = int((i != exact).any(dim=1).sum())
+            fns[name] = (lambda fn=fn: fn(q, key))
+        if floor_on:
+            fns["mm-only-fp32"] = _mm_floor(q, key, device)
+        timed = _timed_rounds(fns, args.rounds, device, rep_ms, set(SLOW_PEERS) | {"fastgen-faiss", "fastgen-torch"})
+        res, res_min = {}, {}
+        for name, tms in timed.items():
+            tm, note = _summarise(tms)
+            res[name], res_min[name] = tm["median_ms"], min(t["median_ms"] for t in tms)
+            if name == "mm-only-fp32":
+                rec.add(case, name, q.dtype, "fwd", tm,
+                        note="floor: the matmul alone, not a kNN" + (f"; {note}" if note else ""))
+            else:
+                rec.add(case, name, q.dtype, "fwd", tm, wrong=f"{wrong[name]}/{N}", note=note)
         if "fastgen-triton" in res:  # which tier settled the queries, and the same shape on random data
             from fastgen.ops.knn_triton import knn_triton
 
@@ -231,7 +284,8 @@ def main(argv=None) -> int:
             for peer in ("faiss-cpu", "faiss-gpu", "cdist+topk", "mm-expansion-fp32"):
                 if peer in res:
                     summary.append(f"{case}: {ours} {res[ours]:.1f} ms, {res[peer] / res[ours]:.2f}x vs {peer} "
-                                   f"({res[peer]:.1f} ms)")
+                                   f"({res[peer]:.1f} ms); min-of-medians {res_min[ours]:.1f} vs "
+                                   f"{res_min[peer]:.1f} ms ({res_min[peer] / res_min[ours]:.2f}x)")
         del q, key, exact
     if not args.no_sweep:
         pts = []
