@@ -848,9 +848,11 @@ int knn_one(const T* q, const T* key, int64_t N, int64_t M, int64_t D, int64_t k
         int64_t ne = k;
         while (ne < nc && (double)cand[ne].first <= cut) ++ne;
         const T* qi = q + i * D;
-        prefetch_row(key + (int64_t)cand[0].second * D, D);
+        // the key rows are random reads from memory: keep PF rows in flight
+        constexpr int64_t PF = 4;
+        for (int64_t s = 0; s < std::min(ne, PF); ++s) prefetch_row(key + (int64_t)cand[s].second * D, D);
         for (int64_t s = 0; s < ne; ++s) {
-          if (s + 1 < ne) prefetch_row(key + (int64_t)cand[s + 1].second * D, D);
+          if (s + PF < ne) prefetch_row(key + (int64_t)cand[s + PF].second * D, D);
           ex[s] = {exact_d2(qi, key + (int64_t)cand[s].second * D, D), cand[s].second};
         }
         std::partial_sort(ex.begin(), ex.begin() + k, ex.begin() + ne);
