@@ -325,17 +325,20 @@ def test_anneal_holds_sigma_end_and_uniform_prior_samples():
     assert r.generator.skip is not None and r.sample(8).shape == (8, 2)
 
 
-def test_grid_default_config_covers_all_25_modes():
-    # `fastgen train --method spread --data grid-gmm` (seed 0): a deterministic generator trained
-    # by spread divergence covers the 25 modes. Measured 25/25 on seeds 0-5 (every mode >= 1.9 %
-    # of the samples, the threshold is 1 %), high-quality fraction 0.54-0.68; 15-45 s of CPU.
+@pytest.mark.parametrize("method", ["spread", "spread-vae"])
+def test_grid_default_config_covers_all_25_modes(method):
+    # `fastgen train --method spread|spread-vae --data grid-gmm` (seed 0): a deterministic generator
+    # trained by spread divergence (or as a spread VAE) covers the 25 modes. Measured 25/25:
+    # spread on seeds 0-5 (every mode >= 1.9 % of the samples, the threshold is 1 %),
+    # high-quality fraction 0.54-0.68; spread-vae on seeds 0-2, 0.57-0.59; 15-35 s of CPU each.
     from fastgen import data as datasets
     from fastgen import metrics
-    from fastgen.spread.train import default_config, train_spread
+    from fastgen.spread.train import default_config, train_spread, train_spread_vae
 
     split = datasets.load("grid-gmm", seed=0)
     scale = float(split.x_train.std())
-    r = train_spread(torch.from_numpy(split.x_train) / scale, default_config("spread", "grid-gmm"), progress=False)
+    fn = train_spread if method == "spread" else train_spread_vae
+    r = fn(torch.from_numpy(split.x_train) / scale, default_config(method, "grid-gmm"), progress=False)
     m = metrics.grid_modes((r.sample(2500, seed=1234) * scale).numpy(), datasets.grid_centres(), datasets.GRID_STD)
     assert m["modes_covered"] >= 24, m
     assert m["high_quality_fraction"] > 0.45, m
