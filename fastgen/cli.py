@@ -2,9 +2,10 @@
 
     fastgen demo  [--name demo] [--epochs N] [--seed S] ...
         IMLE on the scikit-learn digits on CPU (a few minutes on 2 cores); writes runs/<name>/.
-    fastgen train --method imle|rs-imle|adaptive-imle|spread|spread-vae --data digits|grid-gmm
+    fastgen train --method imle|rs-imle|adaptive-imle|cimle|spread|spread-vae --data digits|grid-gmm
                   [--epochs N --seed S --out DIR --resume ...]
-        Any method on either dataset, the same run folder and metrics.
+        Any method on either dataset, the same run folder and metrics (cimle: conditional IMLE,
+        samples drawn for the test split's conditions, see CONDITIONAL_METHODS).
     fastgen info
         Which backends this machine can run, and why any is missing.
 
@@ -33,9 +34,13 @@ import numpy as np
 # select_seconds and sample(n, seed=))
 IMLE_METHODS = ("imle", "rs-imle", "adaptive-imle")
 SPREAD_METHODS = ("spread", "spread-vae")
-METHODS = IMLE_METHODS + SPREAD_METHODS
-_LABEL = {"imle": "IMLE", "rs-imle": "RS-IMLE", "adaptive-imle": "Adaptive IMLE", "spread": "spread divergence",
-          "spread-vae": "spread VAE"}
+# conditional IMLE: digits conditioned on their 2 x 2 average-pooled 4 x 4 image, grid-gmm on the
+# x-coordinate (fastgen.imle.conditional.make_condition); samples are drawn for the test split's
+# conditions, so its precision / recall answer a different (easier) question than the others'
+CONDITIONAL_METHODS = ("cimle",)
+METHODS = IMLE_METHODS + CONDITIONAL_METHODS + SPREAD_METHODS
+_LABEL = {"imle": "IMLE", "rs-imle": "RS-IMLE", "adaptive-imle": "Adaptive IMLE", "cimle": "conditional IMLE",
+          "spread": "spread divergence", "spread-vae": "spread VAE"}
 DATASETS = ("digits", "grid-gmm")
 CHECKPOINT = "checkpoint.pt"
 # RS-IMLE rejection radius (Euclidean, normalised units: digits pixels / 16, grid-gmm / data std)
@@ -203,6 +208,12 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
         cfg = spread_config(method, data, epochs, seed)
         if resume:
             raise ValueError(f"resume applies to the IMLE methods {IMLE_METHODS}, not {method!r}")
+    elif method in CONDITIONAL_METHODS:
+        from .imle.conditional import default_cimle_config
+
+        cfg = default_cimle_config(data, epochs, seed)
+        if resume:
+            raise ValueError(f"resume applies to the IMLE methods {IMLE_METHODS}, not {method!r}")
     else:
         cfg = default_config(data, epochs, seed, method)
         ck_path = os.path.join(out, CHECKPOINT)
@@ -239,11 +250,21 @@ def run(method: str, data: str, out: str, *, epochs: int | None = None, seed: in
         from .spread.train import train_spread_vae
 
         res = train_spread_vae(x, cfg, progress=progress, desc=f"{method} on {data}")
+    elif method == "cimle":
+        from .imle.conditional import make_condition, train_cimle
+
+        res = train_cimle(x, make_condition(data, x), cfg, progress=progress, desc=f"{method} on {data}")
+        ct = make_condition(data, torch.from_numpy(split.x_test) / scale)   # the test split's conditions
     else:
         res = train_imle(x, cfg, progress=progress, desc=f"{method} on {data}", checkpoint=ck_path,
                          checkpoint_every=checkpoint_every, resume=resume)
-    smp = res.sample(n, seed=seed + 1234) * scale
+    if method == "cimle":
+        smp = res.sample(ct[torch.arange(n) % ct.shape[0]], seed=seed + 1234) * scale
+    else:
+        smp = res.sample(n, seed=seed + 1234) * scale
     m: dict = {"method": method, "data": data, "n_samples": n, "train_seconds": round(res.train_seconds, 2),
+               **({"conditioned_on": "test split: " + ("2x2 average-pooled 4x4 images" if data == "digits"
+                                                       else "x-coordinate")} if method == "cimle" else {}),
                "select_seconds": round(res.select_seconds, 2), "final_loss": res.loss[-1] if res.loss else None}
     if getattr(res, "start_epoch", 0):
         m["resumed_from_epoch"] = res.start_epoch

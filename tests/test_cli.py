@@ -86,6 +86,29 @@ def test_train_imle_methods_grid_gmm(tmp_path, method):
         assert m["config"]["per_batch"] is True and m["reselected_fraction"][0] == [0, 1.0]
 
 
+@pytest.mark.parametrize("data", ["grid-gmm", "digits"])
+def test_train_cimle_writes_run_folder(tmp_path, data):
+    out = tmp_path / data
+    assert cli.main(["train", "--method", "cimle", "--data", data, "--epochs", "2", "--n-samples", "300",
+                     "--no-progress", "--no-baseline", "--out", str(out)]) == 0
+    for f in ("samples.png", "loss.png", "samples.npy", "metrics.json", "model.pt"):
+        assert (out / f).stat().st_size > 0, f
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "cimle" and m["conditioned_on"].startswith("test split")
+    assert m["config"]["n_candidates"] >= 1 and m["final_loss"] > 0
+    if data == "digits":
+        assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+        assert np.load(out / "samples.npy").shape == (300, 8, 8)
+    else:
+        assert 0 <= m["modes_covered"] <= 25
+    with pytest.raises(ValueError, match="--pool-factor does not apply"):
+        cli.main(["train", "--method", "cimle", "--data", data, "--epochs", "1", "--pool-factor", "3",
+                  "--no-progress", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="--resume applies"):
+        cli.main(["train", "--method", "cimle", "--data", data, "--epochs", "1", "--resume",
+                  "--no-progress", "--out", str(out)])
+
+
 def test_cli_resume_equals_uninterrupted_run(tmp_path):
     import torch
 
