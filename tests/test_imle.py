@@ -335,6 +335,16 @@ def test_sampler_epochs_reselect_and_perturb():
     other = fastgen.imle.IMLESampler(g, x, latent_dim=4, pool_factor=3, noise=0.1, seed=9)
     other.load_state_dict(state)
     assert torch.equal(other.latents, noisy.latents) and other.epochs_seen == 1
+    # state_dict is a snapshot: per-batch selection writes into the live latents in place
+    pb = fastgen.imle.IMLESampler(g, x, latent_dim=4, pool_factor=2, per_batch=True, noise=0.0, seed=2)
+    list(pb.epoch(batch_size=8))
+    snap = pb.state_dict()
+    kept = snap["latents"].clone()
+    list(pb.epoch(batch_size=8))
+    assert torch.equal(snap["latents"], kept) and not torch.equal(pb.latents, kept)
+    pb.load_state_dict(snap)
+    list(pb.epoch(batch_size=8))
+    assert torch.equal(snap["latents"], kept)
 
 
 def _replay_pool(smp, n):

@@ -175,7 +175,10 @@ class IMLESampler:
     def state_dict(self) -> dict:
         """This process's state (in data-parallel mode: this rank's shard only; each rank saves
         its own, or see :func:`fastgen.imle.distributed.gather_shards`)."""
-        return {"latents": self.latents, "dist2": self.dist2, "epochs_seen": self.epochs_seen,
+        def copy(t):  # a snapshot: per-batch selection writes into self.latents in place
+            return None if t is None else t.clone()
+
+        return {"latents": copy(self.latents), "dist2": copy(self.dist2), "epochs_seen": self.epochs_seen,
                 "selections": self.selections, "rng": self.rng.get_state(), "rank": self.rank,
                 "world_size": self.world_size}
 
@@ -185,8 +188,8 @@ class IMLESampler:
         if saved != (self.rank, self.world_size):
             raise ValueError(f"state was saved by rank {saved[0]} of {saved[1]}, this sampler is rank "
                              f"{self.rank} of {self.world_size}")
-        self.latents = state["latents"]
-        self.dist2 = state["dist2"]
+        self.latents = None if state["latents"] is None else state["latents"].clone()
+        self.dist2 = None if state["dist2"] is None else state["dist2"].clone()
         self.epochs_seen = int(state["epochs_seen"])
         self.selections = int(state["selections"])
         self.rng.set_state(state["rng"])
