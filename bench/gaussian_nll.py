@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Recorder, bench, bench_backward, parser
+from bench.harness import Recorder, bench, bench_backward, parser, use_compile
 
 import fastgen
 from fastgen import _dispatch
@@ -29,9 +29,7 @@ def _formula(x, t, v):
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    args = p.parse_args(argv)
+    args = parser(__doc__.splitlines()[0], compile_peer=True).parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if args.quick:
@@ -44,11 +42,10 @@ def main(argv=None) -> int:
         shapes = [((1024, 16384), "elem"), ((1024, 16384), "row")]
         dtypes = [torch.float32]
     rep_ms = args.rep_ms or (50.0 if args.quick else (400.0 if cuda else 3000.0))
-    # torch.compile on CPU costs tens of seconds of compilation: not in the CPU smoke run
-    use_compile = not args.no_compile and not (args.quick and not cuda)
+    compiled_peer = use_compile(args)
     rec = Recorder("gaussian_nll", args.outdir, device)
     backend = _dispatch.select("gaussian_nll", "auto", device.type)[0]
-    compiled = torch.compile(_formula, dynamic=False) if use_compile else None
+    compiled = torch.compile(_formula, dynamic=False) if compiled_peer else None
 
     impls = {f"fastgen-{backend}": fastgen.gaussian_nll_loss, "F.gaussian_nll_loss": F.gaussian_nll_loss,
              "torch-eager-formula": _formula}

@@ -203,13 +203,23 @@ class Recorder:
         return self.path
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, *, compile_peer: bool = False) -> argparse.ArgumentParser:
+    """--quick --device --outdir --rep-ms; with ``compile_peer`` also --no-compile (skip the
+    torch.compile peer; see :func:`use_compile`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--outdir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per case (ms)")
+    if compile_peer:
+        p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     return p
+
+
+def use_compile(args) -> bool:
+    """Whether to time the torch.compile peer: not with --no-compile, and not in a CPU --quick run
+    (compiling costs tens of seconds on CPU)."""
+    return not args.no_compile and not (args.quick and torch.device(args.device).type != "cuda")
 
 
 def fmt_ratio(a: float, b: float) -> str:

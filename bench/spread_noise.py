@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.harness import Recorder, bench, bench_backward, parser
+from bench.harness import Recorder, bench, bench_backward, parser, use_compile
 
 import fastgen
 from fastgen import _dispatch
@@ -37,18 +37,16 @@ def _check(x, s, kind, device) -> float:
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    args = p.parse_args(argv)
+    args = parser(__doc__.splitlines()[0], compile_peer=True).parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     n = 1 << 20 if args.quick else (1 << 28 if cuda else 1 << 24)
     rep_ms = args.rep_ms or (50.0 if args.quick else (400.0 if cuda else 2000.0))
-    use_compile = not args.no_compile and not (args.quick and not cuda)
+    compiled_peer = use_compile(args)
     rec = Recorder("spread_noise", args.outdir, device)
     backend = _dispatch.select("spread_noise", "auto", device.type)[0]
     ours = f"fastgen-{backend}"
-    compiled = torch.compile(_eager, dynamic=False) if use_compile else None
+    compiled = torch.compile(_eager, dynamic=False) if compiled_peer else None
     impls = {ours: lambda x, s: fastgen.spread_noise(x, s), "torch-eager": _eager}
     if compiled is not None:
         impls["torch.compile"] = compiled

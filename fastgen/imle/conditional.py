@@ -30,7 +30,7 @@ import torch
 
 from .._validate import check_finite, check_positive_int, check_tensor
 from ..ops.imle_loss import check_backend, check_radius, nearest_eligible
-from .train import draw_prior
+from .train import _Autocast, adam_cosine, draw_prior, native_bf16
 
 DEFAULT_BATCH = 8192
 
@@ -242,18 +242,6 @@ class ConditionalMLPGenerator(torch.nn.Module):
         return torch.sigmoid(h) if self.out_act == "sigmoid" else h
 
 
-class _Autocast(torch.nn.Module):
-    """The generator under bf16 autocast (selection only; training steps stay in float32)."""
-
-    def __init__(self, gen):
-        super().__init__()
-        self.gen = gen
-
-    def forward(self, cond, z):
-        with torch.autocast(z.device.type, dtype=torch.bfloat16):
-            return self.gen(cond, z)
-
-
 @dataclass
 class CIMLEConfig:
     """Hyper-parameters of :func:`train_cimle` (defaults: the digits setting)."""
@@ -312,15 +300,6 @@ class CIMLEResult:
         return out
 
 
-def _native_bf16(device) -> bool:
-    if torch.device(device).type == "cuda":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
 def train_cimle(x: torch.Tensor, cond: torch.Tensor, config: CIMLEConfig, *, progress: bool = True,
                 desc: str = "cIMLE") -> CIMLEResult:
     """Train a :class:`ConditionalMLPGenerator` on pairs (cond [N, C], x [N, D]) with cIMLE.
@@ -372,18 +351,11 @@ def train_cimle(x: torch.Tensor, cond: torch.Tensor, config: CIMLEConfig, *, pro
     draw_prior(config.prior, 1, 1)   # validates the name
     gen = ConditionalMLPGenerator(cond.shape[1], config.latent_dim, D, tuple(config.hidden), config.out_act,
                                   skip=config.skip).to(dev)
-    use_bf16 = config.select_bf16 == "on" or (config.select_bf16 == "auto" and _native_bf16(dev))
+    use_bf16 = config.select_bf16 == "on" or (config.select_bf16 == "auto" and native_bf16(dev))
     sel_gen = _Autocast(gen) if use_bf16 else gen
     rng = torch.Generator(device=dev).manual_seed(config.seed + 1)
-    opt = torch.optim.Adam(gen.parameters(), lr=config.lr)
-    steps_per_epoch = math.ceil(N / config.batch_size)
-    total = max(1, config.epochs * steps_per_epoch)
-    ratio = config.lr_final / config.lr
-
-    def lr_lambda(step):
-        return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    opt, sched = adam_cosine(gen.parameters(), config.lr, config.lr_final,
+                             config.epochs * math.ceil(N / config.batch_size))
     res = CIMLEResult(gen, config)
     z_sel = None
     t0 = time.perf_counter()

@@ -168,9 +168,22 @@ class _Autocast(torch.nn.Module):
         super().__init__()
         self.gen = gen
 
-    def forward(self, z):
-        with torch.autocast(z.device.type, dtype=torch.bfloat16):
-            return self.gen(z)
+    def forward(self, *inputs):     # z, or (cond, z) for a conditional generator
+        with torch.autocast(inputs[-1].device.type, dtype=torch.bfloat16):
+            return self.gen(*inputs)
+
+
+def adam_cosine(params, lr: float, lr_final: float, total_steps: int):
+    """(Adam(params, lr), a LambdaLR stepped once per optimiser step: cosine decay from lr to
+    lr_final over total_steps, then constant)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    total = max(1, total_steps)
+    ratio = lr_final / lr
+
+    def lr_lambda(step):
+        return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
 class _PriorSampler:
@@ -255,15 +268,8 @@ def train_imle(x: torch.Tensor, config: IMLEConfig, *, progress: bool = True, de
     gen = MLPGenerator(config.latent_dim, D, tuple(config.hidden), config.out_act, skip=config.skip)
     use_bf16 = config.select_bf16 == "on" or (config.select_bf16 == "auto" and native_bf16(x.device))
     sampler = make_sampler(_Autocast(gen) if use_bf16 else gen, x, config)
-    opt = torch.optim.Adam(gen.parameters(), lr=config.lr)
-    steps_per_epoch = math.ceil(N / config.batch_size)
-    total = max(1, config.epochs * steps_per_epoch)
-    ratio = config.lr_final / config.lr
-
-    def lr_lambda(step):
-        return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    opt, sched = adam_cosine(gen.parameters(), config.lr, config.lr_final,
+                             config.epochs * math.ceil(N / config.batch_size))
     res = TrainResult(gen, config, sampler=sampler)
     start = 0
     if resume and os.path.exists(checkpoint):
