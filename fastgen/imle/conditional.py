@@ -30,7 +30,7 @@ import torch
 
 from .._validate import check_finite, check_positive_int, check_tensor
 from ..ops.imle_loss import check_backend, check_radius, nearest_eligible
-from .train import _Autocast, adam_cosine, draw_prior, native_bf16
+from .train import MLPGenerator, _Autocast, adam_cosine, draw_prior, native_bf16
 
 DEFAULT_BATCH = 8192
 
@@ -205,41 +205,22 @@ def _exact_d2(q: torch.Tensor, key: torch.Tensor, i: torch.Tensor) -> torch.Tens
     return ((q.double() - picked.double()) ** 2).sum(-1)
 
 
-class ConditionalMLPGenerator(torch.nn.Module):
-    """(cond [n, C], z [n, latent_dim]) -> x [n, out_dim]: an MLP on concat(cond, z)
+class ConditionalMLPGenerator(MLPGenerator):
+    """(cond [n, C], z [n, latent_dim]) -> x [n, out_dim]: :class:`MLPGenerator` on concat(cond, z)
     (Linear-ReLU blocks, a linear layer, an optional sigmoid for data in [0, 1]); ``skip`` adds a
-    linear path concat(cond, z) -> x initialised to the identity on the leading dims."""
+    linear path concat(cond, z) -> x initialised to the identity on the leading dims (grid-gmm:
+    x starts as the condition, y as the latent; the MLP learns the rest)."""
 
     def __init__(self, cond_dim: int, latent_dim: int, out_dim: int, hidden=(512, 512), out_act: str = "sigmoid",
                  skip: bool = False):
-        super().__init__()
-        if out_act not in ("sigmoid", "none"):
-            raise ValueError(f"out_act must be 'sigmoid' or 'none', got {out_act!r}")
         check_positive_int("cond_dim", cond_dim)
         check_positive_int("latent_dim", latent_dim)
         check_positive_int("out_dim", out_dim)
-        layers, d = [], cond_dim + latent_dim
-        for h in hidden:
-            layers += [torch.nn.Linear(d, h), torch.nn.ReLU()]
-            d = h
-        layers.append(torch.nn.Linear(d, out_dim))
-        self.net = torch.nn.Sequential(*layers)
-        self.skip = None
-        if skip:   # linear concat(cond, z) -> x path, initialised to the identity on the leading
-            # dims (grid-gmm: x starts as the condition, y as the latent; the MLP learns the rest)
-            self.skip = torch.nn.Linear(cond_dim + latent_dim, out_dim, bias=False)
-            with torch.no_grad():
-                self.skip.weight.zero_()
-                k = min(cond_dim + latent_dim, out_dim)
-                self.skip.weight[:k, :k].fill_diagonal_(1.0)
-        self.cond_dim, self.latent_dim, self.out_dim, self.out_act = cond_dim, latent_dim, out_dim, out_act
+        super().__init__(cond_dim + latent_dim, out_dim, hidden, out_act, skip=skip)
+        self.cond_dim, self.latent_dim, self.out_dim = cond_dim, latent_dim, out_dim
 
     def forward(self, cond: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        u = torch.cat([cond.reshape(cond.shape[0], -1).to(z.dtype), z], 1)
-        h = self.net(u)
-        if self.skip is not None:
-            h = h + self.skip(u)
-        return torch.sigmoid(h) if self.out_act == "sigmoid" else h
+        return super().forward(torch.cat([cond.reshape(cond.shape[0], -1).to(z.dtype), z], 1))
 
 
 @dataclass
