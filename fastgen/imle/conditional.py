@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from .._validate import check_finite, check_positive_int, check_tensor
 from ..ops.imle_loss import check_backend, check_radius, nearest_eligible
-from .train import MLPGenerator, _Autocast, adam_cosine, draw_prior, native_bf16
+from .train import MLPGenerator, RunRecord, _Autocast, adam_cosine, draw_prior, native_bf16
 
 DEFAULT_BATCH = 8192
 
@@ -251,13 +251,8 @@ class CIMLEConfig:
 
 
 @dataclass
-class CIMLEResult:
-    generator: ConditionalMLPGenerator
-    config: CIMLEConfig
-    loss: list = field(default_factory=list)          # mean training loss per epoch
-    select_dist2: list = field(default_factory=list)  # (epoch, mean dist2) at each re-selection
-    train_seconds: float = 0.0
-    select_seconds: float = 0.0
+class CIMLEResult(RunRecord):
+    """:func:`train_cimle`'s result: the ConditionalMLPGenerator and its CIMLEConfig."""
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, *, seed: int = 1234) -> torch.Tensor:

@@ -116,13 +116,20 @@ class MLPGenerator(torch.nn.Module):
 
 
 @dataclass
-class TrainResult:
-    generator: MLPGenerator
-    config: IMLEConfig
+class RunRecord:
+    """What an IMLE training loop returns and ``fastgen train`` reads (shared by
+    :class:`TrainResult` and :class:`fastgen.imle.conditional.CIMLEResult`)."""
+    generator: torch.nn.Module
+    config: object
     loss: list = field(default_factory=list)        # mean training loss per epoch
     select_dist2: list = field(default_factory=list)  # (epoch, mean dist2) at each re-selection
     train_seconds: float = 0.0
     select_seconds: float = 0.0
+
+
+@dataclass
+class TrainResult(RunRecord):
+    """:func:`train_imle`'s result: the MLPGenerator, its IMLEConfig, the sampler's state."""
     sampler: IMLESampler | AdaptiveIMLESampler | None = None
     reselected: list = field(default_factory=list)    # adaptive-imle: (epoch, latents replaced) per check
     start_epoch: int = 0                              # > 0 when resumed from a checkpoint
