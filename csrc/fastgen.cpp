@@ -1,6 +1,8 @@
 // fastgen._C: the one place where every op's schema is declared.
 // CPU kernels live in csrc/cpu/<op>.cpp and CUDA kernels in csrc/cuda/<op>.cu; each registers
-// its implementation with TORCH_LIBRARY_IMPL(fastgen, CPU|CUDA, m). The Python layer
+// its implementation with TORCH_LIBRARY_IMPL(fastgen, CPU|CUDA, m). These are internal kernels
+// (underscore names, fake kernels in fastgen/ops/<op>.py); the public op of each function is a
+// torch custom op defined in Python (fastgen/_compile.py). The Python layer
 // (fastgen/ops/<op>.py) wraps these in autograd Functions and picks backends in
 // fastgen/_dispatch.py.
 #include <torch/extension.h>
@@ -11,31 +13,31 @@ TORCH_LIBRARY(fastgen, m) {
   // query [B, N, D], key [B, M, D], one dtype: float32, float64, float16 or bfloat16; 1 <= k <= M.
   // Returns (dist2 [B, N, k] ascending, float64 for float64 inputs else float32; index [B, N, k] int64);
   // exact (certified fp32 fast pass + double re-rank): ties -> lowest index.
-  m.def("knn(Tensor query, Tensor key, int k) -> (Tensor, Tensor)");
+  m.def("_knn_kernel(Tensor query, Tensor key, int k) -> (Tensor, Tensor)");
 
   // ---- gaussian_nll (csrc/cpu/gaussian_nll.cpp) ----
   // input, target [A*B*C] contiguous, var [A*C] broadcast over B (index arithmetic, never
   // expanded); one dtype. reduction 0 none / 1 mean / 2 sum. Returns (loss, grad_input,
   // grad_target, grad_var, negative-var flag): gradients of the reduced loss computed in the same
   // pass when requested (empty otherwise, and always for "none": see gaussian_nll_backward).
-  m.def("gaussian_nll(Tensor input, Tensor target, Tensor var, int A, int B, int C, bool full, "
+  m.def("_gaussian_nll_kernel(Tensor input, Tensor target, Tensor var, int A, int B, int C, bool full, "
         "float eps, bool log_var, float beta, int reduction, bool grad_input, bool grad_target, "
         "bool grad_var) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused backward of reduction "none": grad_out [A*B*C] per element.
-  m.def("gaussian_nll_backward(Tensor grad_out, Tensor input, Tensor target, Tensor var, int A, "
+  m.def("_gaussian_nll_backward_kernel(Tensor grad_out, Tensor input, Tensor target, Tensor var, int A, "
         "int B, int C, bool full, float eps, bool log_var, float beta, bool grad_input, "
         "bool grad_target, bool grad_var) -> (Tensor, Tensor, Tensor)");
 
   // ---- spread_noise (csrc/cpu/spread_noise.cpp) ----
-  m.def("spread_noise(Tensor x, Tensor sigma, int kind, int seed, int offset) -> Tensor");
-  m.def("spread_noise_grad_sigma(Tensor grad_y, Tensor sigma, int kind, int seed, int offset) -> Tensor");
+  m.def("_spread_noise_kernel(Tensor x, Tensor sigma, int kind, int seed, int offset) -> Tensor");
+  m.def("_spread_noise_grad_sigma_kernel(Tensor grad_y, Tensor sigma, int kind, int seed, int offset) -> Tensor");
 
   // ---- spread_log_likelihood (csrc/cpu/spread_log_likelihood.cpp) ----
   // y [N, D], samples [S, D], sigma [1] or [D]: one dtype, float32 or float64, contiguous.
   // kind 0 gaussian / 1 laplace. Returns out [N]; the backward returns (grad_y, grad_samples,
   // grad_sigma), empty tensors where not requested.
-  m.def("spread_log_likelihood(Tensor y, Tensor samples, Tensor sigma, int kind) -> Tensor");
-  m.def("spread_log_likelihood_backward(Tensor grad_out, Tensor y, Tensor samples, Tensor sigma, "
+  m.def("_spread_log_likelihood_kernel(Tensor y, Tensor samples, Tensor sigma, int kind) -> Tensor");
+  m.def("_spread_log_likelihood_backward_kernel(Tensor grad_out, Tensor y, Tensor samples, Tensor sigma, "
         "Tensor out, int kind, bool need_y, bool need_samples, bool need_sigma) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -14,25 +14,51 @@ import os
 
 _error: str | None = None
 _cuda_error: str | None = None
+# fake (meta) kernels of the compiled ops, by op name: registered once fastgen._C has declared them
+_FAKES: dict = {}
+_fakes_done = False
+
+
+def fake(op: str):
+    """Decorator: the fake kernel of the compiled op ``fastgen::<op>`` (an underscore-named internal
+    kernel declared in csrc/fastgen.cpp). Registered with ``torch.library.register_fake`` when
+    fastgen._C loads (at once if it is loaded already), so that torch.compile and
+    ``torch.library.opcheck`` can trace the kernel without running it."""
+    def deco(fn):
+        _FAKES[op] = fn
+        if _fakes_done:
+            _register_fakes({op: fn})
+        return fn
+    return deco
+
+
+def _register_fakes(fakes):
+    import torch
+
+    for op, fn in fakes.items():
+        torch.library.register_fake(f"fastgen::{op}", fn)
 
 
 @functools.lru_cache(maxsize=None)
 def load_ext():
     """Import fastgen._C once; return the module, or None (reason in :func:`ext_error`)."""
-    global _error
+    global _error, _fakes_done
     if os.environ.get("FASTGEN_DISABLE_EXT", "0") == "1":
         _error = "disabled by FASTGEN_DISABLE_EXT=1"
         return None
     try:
         import torch  # noqa: F401  (loads libc10 / libtorch that fastgen._C links against)
 
-        return importlib.import_module("fastgen._C")
+        mod = importlib.import_module("fastgen._C")
     except Exception as e:  # ImportError, OSError (undefined symbol, ABI mismatch), ...
         _error = f"fastgen._C not importable: {type(e).__name__}: {e}".strip()
         if isinstance(e, ModuleNotFoundError):
             _error += (" (the C++ extension was not built: reinstall with "
                        "`pip install --no-build-isolation -e .` and a working C++ compiler)")
         return None
+    _fakes_done = True
+    _register_fakes(_FAKES)
+    return mod
 
 
 def ext_error() -> str | None:
@@ -75,9 +101,15 @@ def cuda_ext_error() -> str | None:
     return _cuda_error
 
 
+def kernel_name(op: str) -> str:
+    """The compiled kernel op of a dispatch op: "knn" -> "_knn_kernel" (internal ops declared in
+    csrc/fastgen.cpp are underscore-named; names that start with "_" are taken as they are)."""
+    return op if op.startswith("_") else f"_{op}_kernel"
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """True when torch.ops.fastgen.<op> has a kernel for dispatch_key ("CPU" or "CUDA"); a question
-    about "CUDA" loads fastgen._C_cuda first."""
+    """True when the compiled kernel of ``op`` (:func:`kernel_name`) has a kernel for dispatch_key
+    ("CPU" or "CUDA"); a question about "CUDA" loads fastgen._C_cuda first."""
     import torch
 
     if load_ext() is None:
@@ -85,7 +117,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     if dispatch_key == "CUDA" and load_cuda_ext() is None:
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgen::{op}", dispatch_key)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgen::{kernel_name(op)}", dispatch_key)
     except RuntimeError:  # op not declared
         return False
 

@@ -1,13 +1,22 @@
-"""torch.compile / custom-op helpers shared by the ops (torch >= 2.4).
+"""One torch custom op per public function: definition helpers shared by the ops.
 
-Every public op of fastgen is a torch custom op (``torch.library.custom_op``) with a fake
-(meta) kernel and a registered autograd formula, so that ``torch.compile(fullgraph=True)``
-traces through it without a graph break. The op's implementation still asks
-:func:`fastgen._dispatch.select` for the backend when it runs, so ``use_backend`` and
-``FASTGEN_BACKEND`` keep working inside compiled code.
+Every public op of fastgen is ONE operator ``fastgen::<name>``, called in eager mode and under
+torch.compile / torch.export alike. :func:`define` declares it and registers, once, on that op:
 
-The eager path of an op may skip the custom op (to keep eager-only fast paths such as an
-in-place gradient scale): :func:`is_compiling` tells the two apart.
+* the implementation (``CompositeExplicitAutograd``: every device), which asks
+  :func:`fastgen._dispatch.run` for the backend when it runs (so ``use_backend`` and
+  ``FASTGEN_BACKEND`` work inside compiled code);
+* the fake kernel (shapes only; torch.compile, torch.export, opcheck);
+* the autograd kernel: a :class:`OpFunction` subclass whose ``backward`` is differentiable
+  (double backward, forward-over-reverse) and whose ``jvp`` gives forward-mode AD;
+* the vmap rule (``torch.library.register_vmap``): torch.func.vmap over the op, and with the
+  autograd kernel, vmap(grad), jacrev, jacfwd and hessian.
+
+Internal kernels (a backward pass, a compiled C++ kernel) are underscore-named ops with fake
+kernels. Why a hand-registered autograd kernel rather than ``torch.library.register_autograd``:
+the latter has no forward-mode AD (torch 2.4 - 2.14); an ``autograd.Function`` with ``jvp``
+registered at the ``Autograd`` key has both, and works under torch.func (applied as a single-level
+function: the functorch layer that called the op already unwrapped its tensors).
 """
 from __future__ import annotations
 
@@ -15,17 +24,73 @@ import torch
 
 NAMESPACE = "fastgen"
 
-if not hasattr(torch.library, "custom_op"):  # pragma: no cover - torch < 2.4
-    raise ImportError(f"fastgen needs torch >= 2.4 (torch.library.custom_op); found torch {torch.__version__}")
+if not hasattr(torch.library, "register_vmap"):  # pragma: no cover - torch < 2.4
+    raise ImportError(f"fastgen needs torch >= 2.4 (torch.library.register_vmap); found torch {torch.__version__}")
 
-custom_op = torch.library.custom_op
+from torch._functorch.utils import enable_single_level_autograd_function  # noqa: E402
+
+LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # (fastgen._C holds the DEF of the C++ kernels)
 
 
 def op(name: str, schema: str):
-    """``torch.library.custom_op("fastgen::<name>")`` with an explicit schema (no mutation):
-    torch 2.4 cannot infer one from the string annotations of ``from __future__ import
-    annotations`` modules."""
+    """``torch.library.custom_op("fastgen::<name>")`` with an explicit schema (no mutation), for
+    internal ops (underscore names) that need no autograd: torch 2.4 cannot infer a schema from the
+    string annotations of ``from __future__ import annotations`` modules."""
     return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=(), schema=schema)
+
+
+class OpFunction(torch.autograd.Function):
+    """Base of the autograd kernel of an op made by :func:`define`.
+
+    Subclasses define ``setup_context(ctx, inputs, output)``, ``backward(ctx, *grads)`` and
+    ``jvp(ctx, *tangents)``, with one entry per op argument (None for non-tensor arguments).
+    ``backward`` must be differentiable when ``torch.is_grad_enabled()`` (create_graph=True, and
+    always under torch.func): use plain torch ops there, or ops with their own autograd.
+    :func:`fast_backward` tells when an eager-only fast path may run instead."""
+
+    op = None  # the OpOverload, set by define()
+
+    @classmethod
+    def forward(cls, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return cls.op(*args)
+
+
+def fast_backward() -> bool:
+    """True in a backward that need not be differentiable (no create_graph, no torch.func
+    transform): a fused, non-differentiable backward kernel may run."""
+    return not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+
+
+def define(name: str, schema: str, impl, *, fake, autograd: type[OpFunction] | None = None, vmap=None):
+    """Declare ``fastgen::<name><schema>`` and register impl / fake / autograd / vmap on it (see the
+    module doc). Returns the OpOverload (call it like a function)."""
+    LIB.define(name + schema)
+    qual = f"{NAMESPACE}::{name}"
+    LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(qual, fake, lib=LIB)
+    overload = getattr(torch.ops.fastgen, name).default
+    if autograd is not None:
+        autograd.op = overload
+        apply = super(torch.autograd.Function, autograd).apply  # the single-level Function.apply
+
+        def autograd_kernel(*args):
+            with enable_single_level_autograd_function():
+                return apply(*args)
+
+        LIB.impl(name, autograd_kernel, "Autograd")
+    if vmap is not None:
+        torch.library.register_vmap(qual, vmap, lib=LIB)
+    return overload
+
+
+def move_bdim(x, bdim, size: int):
+    """Helper for vmap rules: ``x`` with its batch dim first (broadcast when it has none)."""
+    if x is None or not isinstance(x, torch.Tensor):
+        return x
+    if bdim is None:
+        return x.expand(size, *x.shape)
+    return x.movedim(bdim, 0)
 
 
 def is_compiling() -> bool:

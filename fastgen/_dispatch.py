@@ -12,12 +12,23 @@ available backend. Overrides, strongest first:
 
 A named backend that is unavailable raises RuntimeError with the reason; an unknown name
 raises ValueError.
+
+Safe fallback (:func:`run`): when a GPU kernel backend ("triton", "cuda") fails to compile or
+launch on this device under "auto" (old architecture, driver, shared memory, ...), the next
+backend of ``ORDER`` runs instead, with one RuntimeWarning naming the failure; the failure is
+remembered for the process (:func:`failures`, shown by ``fastgen info``). An explicit backend
+(argument, ``use_backend`` or ``FASTGEN_BACKEND``) still raises. Bad input (ValueError /
+TypeError) and out-of-memory errors are never swallowed.
+
+This module knows backends only by their registration (:func:`register`, called by the op
+modules when ``import fastgen`` imports them); it imports none of them.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+import warnings
 from typing import Callable
 
 from . import _backend
@@ -32,7 +43,11 @@ ORDER: dict[str, dict[str, tuple[str, ...]]] = {
 }
 BACKENDS = ("torch", "cpu", "cuda", "triton", "faiss")
 
+# backends whose kernels are compiled for the user's device when first run: they may fail there
+FALLIBLE = ("triton", "cuda")
+
 _IMPLS: dict[tuple[str, str], Callable] = {}
+_FAILED: dict[tuple[str, str, str], str] = {}   # (op, backend, device type) -> the failure
 _AUTO_FILTERS: dict[tuple[str, str], Callable] = {}
 _local = threading.local()
 
@@ -84,6 +99,9 @@ def unavailable_reason(op: str, backend: str, device_type: str) -> str | None:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if (op, backend) not in _IMPLS:
         return f"fastgen has no {backend!r} implementation of {op}"
+    failed = _FAILED.get((op, backend, device_type))
+    if failed is not None:
+        return f"failed earlier in this process: {failed}"
     if backend == "torch":
         return None
     if backend == "cpu":
@@ -162,9 +180,46 @@ def select(op: str, backend: str = "auto", device_type: str = "cpu", **shape_inf
     return "torch", _IMPLS[(op, "torch")]
 
 
+def _never_fall_back(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, (ValueError, TypeError, torch.OutOfMemoryError))
+
+
+def mark_failed(op: str, backend: str, device_type: str, error: BaseException) -> None:
+    """Remember that ``backend`` failed to run ``op`` on ``device_type`` (one warning)."""
+    why = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
+    _FAILED[(op, backend, device_type)] = why
+    warnings.warn(f"fastgen: {op}: the {backend!r} backend failed on this {device_type} device ({why}); "
+                  f"'auto' uses the next backend for the rest of this process (fastgen info shows it)",
+                  RuntimeWarning, stacklevel=3)
+
+
+def failures() -> dict[tuple[str, str, str], str]:
+    """{(op, backend, device type): failure} of the backends that "auto" stopped using."""
+    return dict(_FAILED)
+
+
+def run(op: str, args: tuple, *, backend: str = "auto", device_type: str = "cpu", kwargs: dict | None = None,
+        **shape_info):
+    """Select the backend of ``op`` (as :func:`select`) and call it with ``args``; under "auto", a
+    "triton" / "cuda" backend that raises (compile or launch failure) is marked failed and the next
+    backend runs (see the module doc). Returns the implementation's result."""
+    explicit = backend != "auto" or _override(op) is not None
+    name, impl = select(op, backend, device_type, **shape_info)
+    while True:
+        try:
+            return impl(*args, **(kwargs or {}))
+        except Exception as e:
+            if explicit or name not in FALLIBLE or _never_fall_back(e):
+                raise
+            mark_failed(op, name, device_type, e)
+            name, impl = select(op, "auto", device_type, **shape_info)
+
+
 def report(device_types=("cpu", "cuda")) -> list[tuple[str, str, str, str | None]]:
-    """Rows (op, device, backend, reason-or-None) for ``fastgen info``."""
-    _import_ops()
+    """Rows (op, device, backend, reason-or-None) for ``fastgen info`` (the ops register their
+    backends when ``import fastgen`` imports them)."""
     rows = []
     for op, by_dev in ORDER.items():
         for dev in device_types:
@@ -172,6 +227,3 @@ def report(device_types=("cpu", "cuda")) -> list[tuple[str, str, str, str | None
                 rows.append((op, dev, name, unavailable_reason(op, name, dev)))
     return rows
 
-
-def _import_ops():
-    from . import ops  # noqa: F401  (registers every implementation)

@@ -10,14 +10,12 @@ from fastgen import _backend, _dispatch
 
 
 def test_every_op_has_a_torch_backend():
-    _dispatch._import_ops()
     for op in _dispatch.ORDER:
         assert (op, "torch") in _dispatch._IMPLS, op
         assert _dispatch.unavailable_reason(op, "torch", "cpu") is None
 
 
 def test_auto_on_cpu_never_picks_a_gpu_backend():
-    _dispatch._import_ops()
     for op in _dispatch.ORDER:
         name, fn = _dispatch.select(op, "auto", "cpu")
         assert name in ("cpu", "faiss", "torch"), (op, name)
@@ -25,14 +23,12 @@ def test_auto_on_cpu_never_picks_a_gpu_backend():
 
 
 def test_auto_prefers_the_compiled_kernel_when_built():
-    _dispatch._import_ops()
     for op in _dispatch.ORDER:
         if _backend.has_kernel(op, "CPU"):
             assert _dispatch.select(op, "auto", "cpu")[0] == "cpu", op
 
 
 def test_unknown_and_unavailable_backends():
-    _dispatch._import_ops()
     with pytest.raises(ValueError, match="backend"):
         _dispatch.select("knn", "nope", "cpu")
     with pytest.raises(TypeError, match="backend"):
@@ -42,7 +38,6 @@ def test_unknown_and_unavailable_backends():
 
 
 def test_use_backend_and_env_override(monkeypatch):
-    _dispatch._import_ops()
     with _dispatch.use_backend("torch"):
         assert _dispatch.select("gaussian_nll", "auto", "cpu")[0] == "torch"
         # an explicit argument is stronger than the context

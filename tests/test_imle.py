@@ -395,7 +395,6 @@ def test_sampler_bad_args():
 def _knn_backends():
     from fastgen import _dispatch
 
-    _dispatch._import_ops()
     out = []
     for b in ("torch", "cpu", "faiss"):
         why = _dispatch.unavailable_reason("knn", b, "cpu")

@@ -529,6 +529,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_nll_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
-  m.impl("gaussian_nll", &gaussian_nll_cpu);
-  m.impl("gaussian_nll_backward", &gaussian_nll_backward_cpu);
+  m.impl("_gaussian_nll_kernel", &gaussian_nll_cpu);
+  m.impl("_gaussian_nll_backward_kernel", &gaussian_nll_backward_cpu);
 }

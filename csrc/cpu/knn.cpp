@@ -1041,4 +1041,4 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastgen, CPU, m) { m.impl("knn", &knn_cpu); }
+TORCH_LIBRARY_IMPL(fastgen, CPU, m) { m.impl("_knn_kernel", &knn_cpu); }

@@ -509,6 +509,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sll_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
-  m.impl("spread_log_likelihood", &sll_forward_cpu);
-  m.impl("spread_log_likelihood_backward", &sll_backward_cpu);
+  m.impl("_spread_log_likelihood_kernel", &sll_forward_cpu);
+  m.impl("_spread_log_likelihood_backward_kernel", &sll_backward_cpu);
 }

@@ -375,6 +375,6 @@ at::Tensor spread_noise_grad_sigma_cpu(const at::Tensor& grad_y, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
-  m.impl("spread_noise", &spread_noise_cpu);
-  m.impl("spread_noise_grad_sigma", &spread_noise_grad_sigma_cpu);
+  m.impl("_spread_noise_kernel", &spread_noise_cpu);
+  m.impl("_spread_noise_grad_sigma_kernel", &spread_noise_grad_sigma_cpu);
 }

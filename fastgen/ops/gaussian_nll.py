@@ -258,9 +258,23 @@ def _cpu_scale(grads, grad_out):
             t.mul_(g)
 
 
+@_backend.fake("_gaussian_nll_kernel")
+def _(x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v):  # csrc/cpu/gaussian_nll.cpp
+    grads = red != 0 and (need_x or need_t or need_v)
+    return (x.new_empty((A * B * C,) if red == 0 else ()), x.new_empty((A * B * C,) if grads and need_x else (0,)),
+            x.new_empty((A * B * C,) if grads and need_t else (0,)), x.new_empty((A * C,) if grads and need_v else (0,)),
+            x.new_empty((), dtype=torch.int32))
+
+
+@_backend.fake("_gaussian_nll_backward_kernel")
+def _(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v):
+    return (x.new_empty((A * B * C,) if need_x else (0,)), x.new_empty((A * B * C,) if need_t else (0,)),
+            x.new_empty((A * C,) if need_v else (0,)))
+
+
 _CPU = SimpleNamespace(
-    forward=lambda *a: _backend.ext_op("gaussian_nll")(*a),
-    backward=lambda *a: _backend.ext_op("gaussian_nll_backward")(*a),
+    forward=lambda *a: _backend.ext_op("_gaussian_nll_kernel")(*a),
+    backward=lambda *a: _backend.ext_op("_gaussian_nll_backward_kernel")(*a),
     scale=_cpu_scale,
 )
 

@@ -282,6 +282,13 @@ def knn_torch(query: torch.Tensor, key: torch.Tensor, k: int):
     return d.to(out), i
 
 
+@_backend.fake("_knn_kernel")
+def _(query, key, k):  # fastgen::_knn (C++ CPU / CUDA kernel): [B, N, D] x [B, M, D] -> [B, N, k] x 2
+    B, N, _ = query.shape
+    return (query.new_empty((B, N, k), dtype=torch.float64 if query.dtype == torch.float64 else torch.float32),
+            query.new_empty((B, N, k), dtype=torch.int64))
+
+
 def _knn_cpu_ok(**info) -> bool:
     return info.get("device", "cpu") == "cpu"
 
@@ -290,7 +297,7 @@ def _knn_cpu_ok(**info) -> bool:
 def knn_cpu(query: torch.Tensor, key: torch.Tensor, k: int):
     """The C++ kernel (csrc/cpu/knn.cpp) on CPU tensors: float32 / float64 / float16 / bfloat16
     read directly (dist2 float64 for float64, else float32)."""
-    return _backend.ext_op("knn")(query.contiguous(), key.contiguous(), k)
+    return _backend.ext_op("_knn_kernel")(query.contiguous(), key.contiguous(), k)
 
 
 # "cuda": the CUDA kernel of csrc/cuda/knn.cu (fastgen._C_cuda). Crossovers against "triton" and
@@ -318,7 +325,7 @@ def knn_cuda(query: torch.Tensor, key: torch.Tensor, k: int):
     a running top-C per query, exact re-rank of the C candidates in double, rigorous certificate
     (relative bound gamma_{D+2}), double brute force for the queries it cannot certify; B sets in
     one launch. float64 inputs raise TypeError and k > 64 ValueError (use "torch" or "triton")."""
-    return _backend.ext_op("knn")(query.contiguous(), key.contiguous(), k)
+    return _backend.ext_op("_knn_kernel")(query.contiguous(), key.contiguous(), k)
 
 
 _GPU_RES = {}

@@ -144,14 +144,25 @@ def _sll_torch(y, samples, s, kind):
 # ---------------------------------------------------------------------------------------------
 # cpu backend (fastgen._C)
 # ---------------------------------------------------------------------------------------------
+@_backend.fake("_spread_log_likelihood_kernel")
+def _(y, samples, sigma, kind):  # csrc/cpu/spread_log_likelihood.cpp: y [N, D], samples [S, D] -> [N]
+    return y.new_empty((y.shape[0],))
+
+
+@_backend.fake("_spread_log_likelihood_backward_kernel")
+def _(g, y, samples, sigma, out, kind, need_y, need_samples, need_sigma):
+    return (y.new_empty(y.shape if need_y else (0,)), y.new_empty(samples.shape if need_samples else (0,)),
+            y.new_empty(sigma.shape if need_sigma else (0,)))
+
+
 class _CppImpl:
     @staticmethod
     def forward(y, x, s, kind):
-        return _backend.ext_op("spread_log_likelihood")(y, x, s, kind)
+        return _backend.ext_op("_spread_log_likelihood_kernel")(y, x, s, kind)
 
     @staticmethod
     def backward(g, y, x, s, out, kind, ny, nx, ns):
-        gy, gx, gs = _backend.ext_op("spread_log_likelihood_backward")(g, y, x, s, out, kind, ny, nx, ns)
+        gy, gx, gs = _backend.ext_op("_spread_log_likelihood_backward_kernel")(g, y, x, s, out, kind, ny, nx, ns)
         return (gy if ny else None), (gx if nx else None), (gs if ns else None)
 
 

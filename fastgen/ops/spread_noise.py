@@ -181,16 +181,26 @@ def _spread_noise_torch(x, sigma_t, sigma_f, kind, seed, offset):
 # ---------------------------------------------------------------------------------------------
 # cpu backend (fastgen._C)
 # ---------------------------------------------------------------------------------------------
+@_backend.fake("_spread_noise_kernel")
+def _(x, sigma, kind, seed, offset):  # csrc/cpu/spread_noise.cpp: y contiguous, x's shape and dtype
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@_backend.fake("_spread_noise_grad_sigma_kernel")
+def _(grad_y, sigma, kind, seed, offset):  # grad_sigma in sigma's shape, float64
+    return grad_y.new_empty(sigma.shape, dtype=torch.float64)
+
+
 class _CppImpl:
     @staticmethod
     def forward(x, sigma_t, sigma_f, kind, seed, offset):
         if sigma_t is None:
             sigma_t = torch.tensor(sigma_f, dtype=_compute_dtype(x.dtype))
-        return _backend.ext_op("spread_noise")(x, sigma_t, kind, seed, offset)
+        return _backend.ext_op("_spread_noise_kernel")(x, sigma_t, kind, seed, offset)
 
     @staticmethod
     def grad_sigma(grad_y, sigma_t, kind, seed, offset):
-        return _backend.ext_op("spread_noise_grad_sigma")(grad_y, sigma_t.detach(), kind, seed, offset)
+        return _backend.ext_op("_spread_noise_grad_sigma_kernel")(grad_y, sigma_t.detach(), kind, seed, offset)
 
 
 @register("spread_noise", "cpu")
