@@ -13,6 +13,12 @@ Environment:
                           package is built from source on the machine that runs it).
   FASTGEN_REQUIRE_EXT=1   fail the install if the extension does not build (default:
                           warn and install the pure torch / Triton package).
+
+LibTorch stable ABI: fastgen._C (and fastgen._C_cuda) use only torch::stable / header-only APIs
+and the stable C shim, compiled with TORCH_TARGET_VERSION = torch 2.10 (the oldest torch whose
+stable API has everything the kernels use; pyproject's `torch>=` says the same) and
+Py_LIMITED_API = CPython 3.10. `pip wheel --no-build-isolation --no-deps .` therefore makes one
+cp310-abi3 wheel that loads into every torch >= 2.10 and CPython >= 3.10 (tools/check_wheel.sh).
 """
 import glob
 import os
@@ -20,6 +26,12 @@ import os
 from setuptools import setup
 
 _ON = ("1", "true", "on", "yes")
+
+# The stable-ABI contract of the compiled extensions (see the docstring): the oldest torch they
+# load into (TORCH_TARGET_VERSION: major << 56 | minor << 48) and the oldest CPython (abi3 tag).
+TORCH_TARGET = (2, 10)
+PY_LIMITED = "cp310"
+_STABLE_MACROS = [("TORCH_TARGET_VERSION", f"0x{(TORCH_TARGET[0] << 56) | (TORCH_TARGET[1] << 48):016x}")]
 
 
 def _extensions():
@@ -39,7 +51,8 @@ def _extensions():
     optional = os.environ.get("FASTGEN_REQUIRE_EXT", "0") != "1"
     exts = [cpp_extension.CppExtension(
         "fastgen._C", sources, extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"], optional=optional)]
+        extra_link_args=["-fopenmp"], optional=optional,
+        include_dirs=[os.path.join(here, "csrc")], define_macros=_STABLE_MACROS, py_limited_api=True)]
     use_cuda, why = _want_cuda(torch, cpp_extension, optional)
     if use_cuda:
         cu_sources = [os.path.relpath(p, here) for p in
@@ -83,4 +96,7 @@ def _want_cuda(torch, cpp_extension, optional):
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass,
+      # one cp310-abi3 wheel (the extensions are py_limited_api=True: torch's BuildExtension adds
+      # -DPy_LIMITED_API=0x030a0000)
+      options={"bdist_wheel": {"py_limited_api": PY_LIMITED}} if ext_modules else {})
