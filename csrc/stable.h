@@ -33,21 +33,32 @@ constexpr ScalarType kInt = ScalarType::Int;
 constexpr ScalarType kBool = ScalarType::Bool;
 
 namespace detail {
-template <typename... Args>
-[[noreturn]] inline void fail(const Args&... args) {
+template <typename E, typename... Args>
+[[noreturn]] inline void fail_as(const Args&... args) {
   std::ostringstream os;
   (os << ... << args);
-  throw std::runtime_error(os.str());
+  throw E(os.str());
+}
+template <typename... Args>
+[[noreturn]] inline void fail(const Args&... args) {
+  fail_as<std::runtime_error>(args...);
 }
 }  // namespace detail
 
-// FG_CHECK(cond, msg...): std::runtime_error(msg) (RuntimeError in Python) when cond is false.
-// The kernels' Python wrappers validate user input first (ValueError / TypeError naming the
-// argument); these checks guard the internal ops against misuse.
-#define FG_CHECK(cond, ...)                                   \
-  do {                                                        \
-    if (__builtin_expect(!(cond), 0)) ::fastgen::detail::fail(__VA_ARGS__); \
+// Checks of the boundary. A C++ exception thrown by a stable-ABI kernel reaches Python through
+// torch's dispatcher and pybind11's exception translation (checked on torch 2.13 and 2.14):
+//   FG_CHECK(cond, msg...)        std::runtime_error    -> RuntimeError
+//   FG_CHECK_VALUE(cond, msg...)  std::invalid_argument -> ValueError   (TORCH_CHECK_VALUE)
+//   FG_CHECK_INDEX(cond, msg...)  std::out_of_range     -> IndexError   (TORCH_CHECK_INDEX)
+// (c10::Error and its TypeError / NotImplementedError subclasses are libtorch C++ types: not
+// available here; the Python wrappers raise the TypeErrors for bad dtypes before the kernels run.)
+#define FG_CHECK_AS(E, cond, ...)                                                  \
+  do {                                                                             \
+    if (__builtin_expect(!(cond), 0)) ::fastgen::detail::fail_as<E>(__VA_ARGS__); \
   } while (0)
+#define FG_CHECK(cond, ...) FG_CHECK_AS(std::runtime_error, cond, __VA_ARGS__)
+#define FG_CHECK_VALUE(cond, ...) FG_CHECK_AS(std::invalid_argument, cond, __VA_ARGS__)
+#define FG_CHECK_INDEX(cond, ...) FG_CHECK_AS(std::out_of_range, cond, __VA_ARGS__)
 
 inline const char* dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
 

@@ -497,13 +497,13 @@ void launch_k(const Tensor& qc, const Tensor& kc, int64_t k, Tensor& dist, Tenso
 }
 
 std::tuple<Tensor, Tensor> knn_cuda(Tensor query, Tensor key, int64_t k) {
-  FG_CHECK(query.dim() == 3, "fastgen::knn: query must be [B, N, D], got ", fastgen::shape_str(query.sizes()));
-  FG_CHECK(key.dim() == 3, "fastgen::knn: key must be [B, M, D], got ", fastgen::shape_str(key.sizes()));
-  FG_CHECK(query.size(0) == key.size(0), "fastgen::knn: batch sizes differ: query ", query.size(0), ", key ",
+  FG_CHECK_VALUE(query.dim() == 3, "fastgen::knn: query must be [B, N, D], got ", fastgen::shape_str(query.sizes()));
+  FG_CHECK_VALUE(key.dim() == 3, "fastgen::knn: key must be [B, M, D], got ", fastgen::shape_str(key.sizes()));
+  FG_CHECK_VALUE(query.size(0) == key.size(0), "fastgen::knn: batch sizes differ: query ", query.size(0), ", key ",
            key.size(0));
-  FG_CHECK(query.size(2) == key.size(2), "fastgen::knn: feature dims D differ: query ", query.size(2), ", key ",
+  FG_CHECK_VALUE(query.size(2) == key.size(2), "fastgen::knn: feature dims D differ: query ", query.size(2), ", key ",
            key.size(2));
-  FG_CHECK(query.is_cuda() && key.is_cuda() && query.get_device_index() == key.get_device_index(),
+  FG_CHECK_VALUE(query.is_cuda() && key.is_cuda() && query.get_device_index() == key.get_device_index(),
            "fastgen::knn (CUDA): query and key must be on the same CUDA device");
   FG_CHECK(query.scalar_type() == key.scalar_type(), "fastgen::knn: query and key dtypes differ (",
            fastgen::dtype_name(query.scalar_type()), ", ", fastgen::dtype_name(key.scalar_type()), ")");
@@ -512,10 +512,10 @@ std::tuple<Tensor, Tensor> knn_cuda(Tensor query, Tensor key, int64_t k) {
            "fastgen::knn (CUDA backend): query and key must be float32, float16 or bfloat16, got ",
            fastgen::dtype_name(st), " (use backend='torch' or 'triton' for float64)");
   const int64_t B = query.size(0), N = query.size(1), M = key.size(1), D = query.size(2);
-  FG_CHECK(k >= 1 && k <= M, "fastgen::knn: need 1 <= k <= M, got k = ", k, ", M = ", M);
-  FG_CHECK(k <= MAX_K, "fastgen::knn (CUDA backend): k must be <= ", MAX_K, ", got k = ", k);
-  FG_CHECK(M < (int64_t)INT_MAX, "fastgen::knn (CUDA backend): M (key rows) must be < 2^31 - 1, got ", M);
-  FG_CHECK(D >= 1, "fastgen::knn: D must be >= 1");
+  FG_CHECK_VALUE(k >= 1 && k <= M, "fastgen::knn: need 1 <= k <= M, got k = ", k, ", M = ", M);
+  FG_CHECK_VALUE(k <= MAX_K, "fastgen::knn (CUDA backend): k must be <= ", MAX_K, ", got k = ", k);
+  FG_CHECK_VALUE(M < (int64_t)INT_MAX, "fastgen::knn (CUDA backend): M (key rows) must be < 2^31 - 1, got ", M);
+  FG_CHECK_VALUE(D >= 1, "fastgen::knn: D must be >= 1");
   const int32_t device = query.get_device_index();
   const torch::stable::accelerator::DeviceGuard guard(device);
   void* stream_ptr = nullptr;
