@@ -16,8 +16,6 @@
 #include <string>
 #include <vector>
 
-#include "parallel.h"
-
 namespace fastgen {
 
 using Tensor = torch::stable::Tensor;
