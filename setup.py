@@ -45,7 +45,9 @@ def _extensions():
     sources = [os.path.relpath(p, here) for p in
                sorted(glob.glob(os.path.join(here, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(here, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp", "-std=c++17",
+           # the wheel's glibc floor stays torch's (manylinux_2_28): csrc/compat/glibc_compat.h
+           "-include", os.path.join(here, "csrc", "compat", "glibc_compat.h")]
     if os.environ.get("FASTGEN_NATIVE", "1") == "1":
         cxx.append("-march=native")
     optional = os.environ.get("FASTGEN_REQUIRE_EXT", "0") != "1"
