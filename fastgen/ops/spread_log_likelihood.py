@@ -551,15 +551,15 @@ def _vmap_rule(info, in_dims, y, samples, sigma, kind):
     B = info.batch_size
     if xd is None and sd is None:
         yb = y.movedim(yd, 0)
-        out = spread_log_likelihood_op(yb.reshape(-1, yb.shape[-1]), samples, sigma, kind)
+        out = _sll_op(yb.reshape(-1, yb.shape[-1]), samples, sigma, kind)
         return out.reshape(B, yb.shape[1]), 0
     yb = _compile.move_bdim(y, yd, B)
     xb = _compile.move_bdim(samples, xd, B)
     sb = _compile.move_bdim(sigma, sd, B)
-    return torch.stack([spread_log_likelihood_op(yb[b], xb[b], sb[b], kind) for b in range(B)]), 0
+    return torch.stack([_sll_op(yb[b], xb[b], sb[b], kind) for b in range(B)]), 0
 
 
-spread_log_likelihood_op = _compile.define("spread_log_likelihood",
+_sll_op = _compile.define("spread_log_likelihood",
                                            "(Tensor y, Tensor samples, Tensor sigma, int kind) -> Tensor",
                                            _sll_impl, fake=_sll_fake, autograd=_SpreadLogLikelihood,
                                            vmap=_vmap_rule)
@@ -619,4 +619,4 @@ def spread_log_likelihood(y: torch.Tensor, samples: torch.Tensor, sigma, *, kind
     # under torch.compile / torch.func
     check = y.device.type != "cpu" and not _compile.is_compiling() and not torch._C._are_functorch_transforms_active()
     s = _check_sigma(sigma, D, y.device, dtype, check_values=check)
-    return spread_log_likelihood_op(y.to(dtype), samples.to(dtype), s, _KIND_ID[kind])
+    return _sll_op(y.to(dtype), samples.to(dtype), s, _KIND_ID[kind])

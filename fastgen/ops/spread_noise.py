@@ -585,7 +585,7 @@ def _regenerate(ctx, sigma, seed):
     else:
         z = torch.zeros(ctx.x_shape, dtype=ct, device=ctx.x_device)
     one = torch.ones_like(sigma, dtype=ct)
-    return spread_noise_op(z, one, 0.0, ctx.kind, seed, ctx.offset, ctx.backend)
+    return _noise_op(z, one, 0.0, ctx.kind, seed, ctx.offset, ctx.backend)
 
 
 class _SpreadNoise(_compile.OpFunction):
@@ -665,18 +665,18 @@ def _vmap_rule(info, in_dims, x, sigma, sigma_f, kind, seed, offset=0, backend="
     if info.randomness == "different":
         if xb is None:
             xb = x.expand((B,) + tuple(x.shape))
-        return spread_noise_op(xb, sb, sigma_f, kind, seed, offset, backend), 0
+        return _noise_op(xb, sb, sigma_f, kind, seed, offset, backend), 0
     # "same"
     if sb is not None and x.device.type == "cpu":
         _check_sigma_values(sb)
     ct = _compute_dtype(x.dtype)
-    eps = spread_noise_op(torch.zeros(ex_shape, dtype=ct, device=x.device), None, 1.0, kind, seed, offset, backend)
+    eps = _noise_op(torch.zeros(ex_shape, dtype=ct, device=x.device), None, 1.0, kind, seed, offset, backend)
     xv = xb if xb is not None else x
     s = sb.to(ct) if sb is not None else sigma_f
     return (xv.to(ct) + s * eps).to(x.dtype), 0
 
 
-spread_noise_op = _compile.define("spread_noise", _SCHEMA, _noise_impl, fake=_noise_fake, autograd=_SpreadNoise,
+_noise_op = _compile.define("spread_noise", _SCHEMA, _noise_impl, fake=_noise_fake, autograd=_SpreadNoise,
                                   vmap=_vmap_rule)
 
 
@@ -750,9 +750,9 @@ def spread_noise(x: torch.Tensor, sigma, *, kind: str = "gaussian", generator=No
             raise ValueError("spread_noise under torch.compile draws its seed from the default generator "
                              "(torch.manual_seed): pass generator=None")
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-        return spread_noise_op(x, sigma_t, sf, _KIND_ID[kind], seed)
+        return _noise_op(x, sigma_t, sf, _KIND_ID[kind], seed)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     numel = _physical_numel(x, sigma_t) if generator is not None and generator.device.type == "cuda" else x.numel()
     seed, offset = _draw_seed(generator, numel)
-    return spread_noise_op(x, sigma_t, sf, _KIND_ID[kind], seed, offset)
+    return _noise_op(x, sigma_t, sf, _KIND_ID[kind], seed, offset)
