@@ -97,7 +97,7 @@ for so in "$WORK"/unzipped/fastgen/_C*.so; do
   bad=$(nm -D --undefined-only -C "$so" | grep -E '(at|c10)::' || true)
   n_bad=$(printf '%s' "$bad" | grep -c . || true)
   echo "$(basename "$so"): $n_undef undefined symbols, $n_bad at::/c10::"
-  nm -D --undefined-only -C "$so" | grep -E 'aoti_torch|torch_' | sed 's/^ *U /    /' | head -60
+  echo "  of which stable C shim (aoti_torch_* / torch_*): $(nm -D --undefined-only "$so" | grep -cE ' (aoti_torch|torch)_')"
   if [ "$n_bad" = 0 ]; then record ok "nm $(basename "$so"): $n_undef undefined, 0 at::/c10::"
   else echo "$bad" | head -20; record FAIL "nm $(basename "$so"): $n_bad at::/c10:: symbols"; fi
 done
@@ -129,8 +129,8 @@ for tv in $TORCHES; do
     record FAIL "torch $tv: venv / install"; continue
   fi
   echo "installed in $(( $(date +%s) - t0 )) s: $("$venv/bin/pip" list 2>/dev/null | grep -E '^(torch|fastgen) ' | tr -s ' ' | paste -sd ' ')"
-  if run_clean "$venv" sh -c 'for c in cc gcc g++ c++ clang clang++ nvcc; do command -v $c && exit 1; done; exit 0' >/dev/null 2>&1; then
-    echo "no compiler on PATH: ok ($(run_clean "$venv" sh -c 'echo $PATH'))"
+  if run_clean "$venv" /bin/sh -c 'for c in cc gcc g++ c++ clang clang++ nvcc; do command -v $c && exit 1; done; exit 0' >/dev/null 2>&1; then
+    echo "no compiler on PATH: ok ($(run_clean "$venv" /bin/sh -c 'echo $PATH'))"
   else
     record FAIL "torch $tv: a compiler is reachable on the smoke test's PATH"
   fi
