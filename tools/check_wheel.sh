@@ -14,8 +14,8 @@
 #    PATH (PATH = the venv's bin and a few coreutils; CC / CXX / CUDA_HOME unset) from a scratch
 #    directory, so that the installed fastgen is the one imported.
 # 3. The smoke test again under QEMU user-mode emulation of older CPUs (`qemu-x86_64 -cpu Haswell`:
-#    AVX2 + FMA, no AVX-512; `-cpu Nehalem`: SSE4.2, no AVX), in the venv of --qemu-torch (default:
-#    the first --torch version), expecting the avx2 / baseline CPU path. apt-get install qemu-user.
+#    AVX2 + FMA, no AVX-512; `-cpu Nehalem`: SSE4.2, no AVX), in the venvs of --qemu-torch (default:
+#    every --torch version), expecting the avx2 / baseline CPU path. apt-get install qemu-user.
 #
 # Everything is written under --out (default: dist/wheel-check); venvs go to a temporary directory
 # removed at exit (kept with --keep). Exit status 0 only when every step passes. Takes ~10-15 min
@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
     *) echo "check_wheel: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-[ -z "$QEMU_TORCH" ] && QEMU_TORCH=${TORCHES%% *}
+[ -z "$QEMU_TORCH" ] && QEMU_TORCH=$TORCHES
 mkdir -p "$OUT"
 WORK=$(mktemp -d -p "${TMPDIR:-/tmp}" fastgen-wheel-check.XXXXXX)
 cleanup() { if [ "$KEEP" = 1 ]; then echo "check_wheel: venvs kept in $WORK"; else rm -rf "$WORK"; fi; }
@@ -144,22 +144,24 @@ done
 
 # ------------------------------------------------------------------------ 3. emulated old CPUs
 QEMU=$(command -v qemu-x86_64 || true)
-venv="$WORK/venv-$QEMU_TORCH"
+for tv in $QEMU_TORCH; do
+venv="$WORK/venv-$tv"
 for cpu in $QEMU_CPUS; do
-  step "qemu-x86_64 -cpu $cpu (torch $QEMU_TORCH)"
+  step "qemu-x86_64 -cpu $cpu (torch $tv)"
   if [ -z "$QEMU" ]; then record FAIL "qemu $cpu: qemu-x86_64 not found (apt-get install qemu-user)"; continue; fi
-  if [ ! -x "$venv/bin/python" ]; then record FAIL "qemu $cpu: no venv for torch $QEMU_TORCH"; continue; fi
+  if [ ! -x "$venv/bin/python" ]; then record FAIL "qemu $cpu: no venv for torch $tv"; continue; fi
   case "$cpu" in Haswell*) expect=avx2 ;; Nehalem*|Westmere*|Penryn*|core2duo*|qemu64*) expect=baseline ;; *) expect="" ;; esac
   t0=$(date +%s)
   # qemu-user emulates the interpreter binary itself (argv[0] = the venv's python: its pyvenv.cfg
   # makes the venv's site-packages the ones imported)
+  log="$OUT/smoke-qemu-$cpu-torch$tv.log"
   if run_clean "$venv" "$QEMU" -cpu "$cpu" "$venv/bin/python" wheel_smoke.py \
-       ${expect:+--expect-isa "$expect"} 2>&1 | grep -v "TCG doesn't support requested feature" \
-       | tee "$OUT/smoke-qemu-$cpu.log"; then
-    record ok "qemu -cpu $cpu, torch $QEMU_TORCH ($(( $(date +%s) - t0 )) s): $(grep '^wheel_smoke: .*passed' "$OUT/smoke-qemu-$cpu.log")"
+       ${expect:+--expect-isa "$expect"} 2>&1 | grep -v "TCG doesn't support requested feature" | tee "$log"; then
+    record ok "qemu -cpu $cpu, torch $tv ($(( $(date +%s) - t0 )) s): $(grep '^wheel_smoke: .*passed' "$log")"
   else
-    record FAIL "qemu -cpu $cpu, torch $QEMU_TORCH: $(grep '^wheel_smoke: .*passed' "$OUT/smoke-qemu-$cpu.log" || echo 'crashed (see log)')"
+    record FAIL "qemu -cpu $cpu, torch $tv: $(grep '^wheel_smoke: .*passed' "$log" || echo 'crashed (see log)')"
   fi
+done
 done
 
 echo
