@@ -687,9 +687,12 @@ class _NLLFunction(_compile.OpFunction):
             # gradients in the forward pass (fast path; not under vmap: the fused op has no vmap rule)
             loss, *grads = _fused_op(input, target, var, full, eps, reduction, log_var, beta, check_var, *need)
             ctx.stash = grads
-            return loss
-        with torch._C._AutoDispatchBelowAutograd():
-            return _NLLFunction.op(input, target, var, full, eps, reduction, log_var, beta, check_var)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                loss = _NLLFunction.op(input, target, var, full, eps, reduction, log_var, beta, check_var)
+        # the fused backward passes run on the forward's backend (use_backend may have ended)
+        ctx.backend = _dispatch.select("gaussian_nll", "auto", input.device.type)[0] if any(need) else None
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -698,14 +701,16 @@ class _NLLFunction(_compile.OpFunction):
         need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
         stash, ctx.stash = ctx.stash, None  # hand the buffers over: autograd may keep them as .grad
         if _fast_backward(grad_out):
-            if reduction != "none":
-                if stash is None:  # a second backward (retain_graph=True): recompute them
-                    stash = _fused_op(input, target, var, full, eps, reduction, log_var, beta, CHECK_OFF, *need)[1:]
-                grads = _scale([g for g, n in zip(stash, need) if n], grad_out)
-                it = iter(grads)
-                grads = [next(it) if n else None for n in need]
-            else:
-                grads = _backward_op(grad_out, input, target, var, full, eps, log_var, beta, *need)
+            with _dispatch.use_backend(ctx.backend, "gaussian_nll"):
+                if reduction != "none":
+                    if stash is None:  # a second backward (retain_graph=True): recompute them
+                        stash = _fused_op(input, target, var, full, eps, reduction, log_var, beta, CHECK_OFF,
+                                          *need)[1:]
+                    grads = _scale([g for g, n in zip(stash, need) if n], grad_out)
+                    it = iter(grads)
+                    grads = [next(it) if n else None for n in need]
+                else:
+                    grads = _backward_op(grad_out, input, target, var, full, eps, log_var, beta, *need)
         else:
             grads = _formula_backward(grad_out, input, target, var, eps, reduction, log_var, beta, need)
         return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None, None, None, None)
