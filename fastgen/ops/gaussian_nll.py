@@ -39,6 +39,7 @@ flow on data). Reductions finish on the device.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from types import SimpleNamespace
@@ -187,11 +188,14 @@ def _broadcast_shape(input, target, var) -> torch.Size:
     s_in, s_t, s_v = input.shape, target.shape, var.shape
     if s_in == s_t == s_v:
         return s_in
-    msg = _mismatch(s_in, s_t)
-    if msg is not None:
-        raise _ShapeError(f"{msg} (target of shape {tuple(s_t)} does not broadcast with input of shape "
-                          f"{tuple(s_in)})")
-    out = _broadcast2(s_in, s_t)
+    if s_in == s_t:
+        out = s_in
+    else:
+        msg = _mismatch(s_in, s_t)
+        if msg is not None:
+            raise _ShapeError(f"{msg} (target of shape {tuple(s_t)} does not broadcast with input of shape "
+                              f"{tuple(s_in)})")
+        out = _broadcast2(s_in, s_t)
     msg = _mismatch(out, s_v)
     if msg is not None:
         raise _ShapeError(f"{msg} (var of shape {tuple(s_v)} does not broadcast with the shape "
@@ -690,8 +694,9 @@ class _NLLFunction(_compile.OpFunction):
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 loss = _NLLFunction.op(input, target, var, full, eps, reduction, log_var, beta, check_var)
-        # the fused backward passes run on the forward's backend (use_backend may have ended)
-        ctx.backend = _dispatch.select("gaussian_nll", "auto", input.device.type)[0] if any(need) else None
+        # the fused backward passes run on the forward's backend: use_backend / FASTGEN_BACKEND may
+        # have changed by then (None: "auto")
+        ctx.backend = _dispatch._override("gaussian_nll")
         return loss
 
     @staticmethod
@@ -701,7 +706,7 @@ class _NLLFunction(_compile.OpFunction):
         need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
         stash, ctx.stash = ctx.stash, None  # hand the buffers over: autograd may keep them as .grad
         if _fast_backward(grad_out):
-            with _dispatch.use_backend(ctx.backend, "gaussian_nll"):
+            with _dispatch.use_backend(ctx.backend, "gaussian_nll") if ctx.backend else contextlib.nullcontext():
                 if reduction != "none":
                     if stash is None:  # a second backward (retain_graph=True): recompute them
                         stash = _fused_op(input, target, var, full, eps, reduction, log_var, beta, CHECK_OFF,

