@@ -248,3 +248,182 @@ def test_nn_gaussian_nll_loss_scalar_var():
     torch.testing.assert_close(component_wise_loss, fastgen.gaussian_nll_loss(input, target, var, reduction="none"))
     torch.testing.assert_close(fastgen.gaussian_nll_loss(input, target, var_tensor, reduction="none"),
                                fastgen.gaussian_nll_loss(input, target, var, reduction="none"))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.func: vmap, per-sample gradients, jacrev / jacfwd / hessian, forward-mode AD
+# ---------------------------------------------------------------------------------------------
+import torch.func as TF  # noqa: E402
+from torch.autograd import forward_ad as fwAD  # noqa: E402
+
+
+def _formula(x, t, v, full=False, eps=1e-6, reduction="mean", log_var=False, beta=0.0):
+    """The plain-torch reference (torch's formula op for op; no data-dependent sign check)."""
+    return ref.nll_formula(x, t, v, full, eps, reduction, log_var, beta)
+
+
+def _batch(vkind, B=5, log_var=False):
+    x, t = torch.randn(B, 4, 3, dtype=F64), torch.randn(B, 4, 3, dtype=F64)
+    vs = {"elem": (B, 4, 3), "row": (B, 4, 1), "fewer": (B, 4)}[vkind]
+    v = torch.randn(vs, dtype=F64) if log_var else torch.rand(vs, dtype=F64) + 0.1
+    return x, t, v
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("vkind", ["elem", "row", "fewer"])
+@pytest.mark.parametrize("log_var,beta", [(False, 0.0), (True, 0.0), (False, 0.5), (True, 0.5)])
+def test_vmap_matches_loop(reduction, vkind, log_var, beta):
+    x, t, v = _batch(vkind, log_var=log_var)
+    kw = dict(full=True, reduction=reduction, log_var=log_var, beta=beta)
+    got = TF.vmap(lambda x, t, v: fastgen.gaussian_nll_loss(x, t, v, **kw))(x, t, v)
+    want = torch.stack([fastgen.gaussian_nll_loss(x[i], t[i], v[i], **kw) for i in range(len(x))])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if not log_var and beta == 0.0:  # and torch's values, sample by sample
+        tw = torch.stack([F.gaussian_nll_loss(x[i], t[i], v[i], full=True, reduction=reduction) for i in range(len(x))])
+        torch.testing.assert_close(got, tw, rtol=1e-12, atol=1e-12)
+    # other in_dims: a shared target and var (unbatched), the batch in dim 1 of input, a float var
+    got = TF.vmap(lambda x, t, v: fastgen.gaussian_nll_loss(x, t, v, **kw), in_dims=(1, None, None))(
+        x.movedim(0, 1), t[0], v[0])
+    want = torch.stack([fastgen.gaussian_nll_loss(x[i], t[0], v[0], **kw) for i in range(len(x))])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got = TF.vmap(lambda t: fastgen.gaussian_nll_loss(x[0], t, 0.7, full=True, reduction=reduction))(t)
+    want = torch.stack([F.gaussian_nll_loss(x[0], t[i], 0.7, full=True, reduction=reduction) for i in range(len(t))])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_one_call_and_negative_var(monkeypatch):
+    """vmap runs the op once on the batched shape (no Python loop), and the negative-var check
+    works under vmap (inside the op); torch's own check is Python control flow on data there."""
+    from fastgen.ops import gaussian_nll as mod
+
+    calls = []
+    real = mod._run_forward
+    monkeypatch.setattr(mod, "_run_forward", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    x, t, v = _batch("row", B=7)
+    TF.vmap(fastgen.gaussian_nll_loss)(x, t, v)
+    assert calls == [torch.Size([7, 4, 3])]
+    v[3, 2, 0] = -0.5
+    with pytest.raises(ValueError, match="var has negative entry/entries"):
+        TF.vmap(fastgen.gaussian_nll_loss)(x, t, v)
+    # check_var=False: no check, the clamped value (torch without its check)
+    got = TF.vmap(lambda x, t, v: fastgen.gaussian_nll_loss(x, t, v, check_var=False))(x, t, v)
+    want = torch.stack([_formula(x[i], t[i], v[i]) for i in range(7)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("log_var", [False, True])
+def test_per_sample_gradients_vmap_grad(log_var):
+    """vmap(grad(f)) through a model whose loss is gaussian_nll_loss (differential privacy /
+    influence-function style) against a Python loop of autograd.grad with torch's loss."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 6).double()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    xb, yb = torch.randn(8, 5, dtype=F64), torch.randn(8, 3, dtype=F64)
+
+    def loss(p, xi, yi, fn):
+        out = torch.func.functional_call(model, p, (xi,))
+        mu, s = out[:3], out[3:]
+        return fn(mu, yi, s, full=True, log_var=True) if log_var else fn(mu, yi, torch.nn.functional.softplus(s),
+                                                                          full=True)
+
+    got = TF.vmap(TF.grad(lambda p, xi, yi: loss(p, xi, yi, fastgen.gaussian_nll_loss)), in_dims=(None, 0, 0))(
+        params, xb, yb)
+    for i in range(8):
+        model.zero_grad()
+        if log_var:
+            out = model(xb[i])
+            ref_loss = _formula(out[:3], yb[i], out[3:], full=True, log_var=True)
+        else:
+            ref_loss = loss(dict(model.named_parameters()), xb[i], yb[i], F.gaussian_nll_loss)
+        grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+        for (name, _), g in zip(model.named_parameters(), grads):
+            torch.testing.assert_close(got[name][i], g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("log_var,beta", [(False, 0.0), (True, 0.0), (False, 0.5), (True, 1.0)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_jacrev_jacfwd_hessian_match_reference(reduction, log_var, beta):
+    torch.manual_seed(1)
+    x, t = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    v = torch.randn(3, 1, dtype=F64) if log_var else torch.rand(3, 1, dtype=F64) + 0.2
+    kw = dict(full=True, eps=1e-6, reduction=reduction, log_var=log_var, beta=beta)
+
+    def ours(x, t, v):
+        return fastgen.gaussian_nll_loss(x, t, v, **kw)
+
+    def theirs(x, t, v):
+        return _formula(x, t, v, **kw)
+
+    for jac in (TF.jacrev, TF.jacfwd):
+        for a, b in zip(jac(ours, argnums=(0, 1, 2))(x, t, v), jac(theirs, argnums=(0, 1, 2))(x, t, v)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if reduction != "none":
+        # hessian = jacfwd(jacrev): forward-over-reverse; and reverse-over-reverse, reverse-over-forward
+        for outer, inner in ((TF.jacfwd, TF.jacrev), (TF.jacrev, TF.jacrev), (TF.jacrev, TF.jacfwd)):
+            h1 = outer(inner(ours, argnums=(0, 1, 2)), argnums=(0, 1, 2))(x, t, v)
+            h2 = TF.hessian(theirs, argnums=(0, 1, 2))(x, t, v)
+            for r1, r2 in zip(h1, h2):
+                for a, b in zip(r1, r2):
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_jvp_and_forward_ad_match_reference():
+    torch.manual_seed(2)
+    x, t, v = torch.randn(4, 5, dtype=F64), torch.randn(4, 5, dtype=F64), torch.rand(4, 5, dtype=F64) + 0.1
+    tx, tt, tv = torch.randn_like(x), torch.randn_like(t), torch.randn_like(v)
+    for reduction in ("mean", "sum", "none"):
+        f = lambda x, t, v: fastgen.gaussian_nll_loss(x, t, v, reduction=reduction)  # noqa: E731
+        g = lambda x, t, v: F.gaussian_nll_loss(x, t, v, reduction=reduction)  # noqa: E731
+        a = TF.jvp(f, (x, t, v), (tx, tt, tv))
+        b = TF.jvp(g, (x, t, v), (tx, tt, tv))
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        with fwAD.dual_level():  # torch.autograd.forward_ad, one tangent (only var's)
+            out = f(x, t, fwAD.make_dual(v, tv))
+            want = g(x, t, fwAD.make_dual(v, tv))
+            torch.testing.assert_close(fwAD.unpack_dual(out).tangent, fwAD.unpack_dual(want).tangent,
+                                       rtol=1e-12, atol=1e-12)
+    # var below eps: every derivative passes straight through the clamp (torch's first-order rule)
+    vs = torch.tensor([[0.0, 1e-9, 0.3]], dtype=F64)
+    xs, ts = torch.randn(1, 3, dtype=F64), torch.randn(1, 3, dtype=F64)
+    grev = TF.grad(lambda v: fastgen.gaussian_nll_loss(xs, ts, v, eps=1e-3), argnums=0)(vs)
+    gtorch = TF.grad(lambda v: F.gaussian_nll_loss(xs, ts, v, eps=1e-3), argnums=0)(vs)
+    torch.testing.assert_close(grev, gtorch, rtol=1e-12, atol=1e-12)
+    gfwd = TF.jacfwd(lambda v: fastgen.gaussian_nll_loss(xs, ts, v, eps=1e-3))(vs)
+    torch.testing.assert_close(gfwd, grev, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True): backward, and second derivatives through torch.func inside it
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_backward_and_hessian(backend):
+    torch.manual_seed(3)
+    x = torch.randn(6, 4, dtype=F64, requires_grad=True)
+    t = torch.randn(6, 4, dtype=F64, requires_grad=True)
+    v = (torch.rand(6, 1, dtype=F64) + 0.2).requires_grad_()
+    lv = torch.randn(6, 4, dtype=F64, requires_grad=True)
+
+    def f(x, t, v, lv):
+        return (fastgen.gaussian_nll_loss(x, t, v, full=True) + fastgen.gaussian_nll_loss(x, t, v, reduction="sum")
+                + fastgen.gaussian_nll_loss(x, t, lv, reduction="none", log_var=True, beta=0.5).mean()
+                + fastgen.nn.GaussianNLLLoss(eps=0.3)(x, t, 0.2))
+
+    cf = torch.compile(f, fullgraph=True, backend=backend)
+    got, want = cf(x, t, v, lv), f(x, t, v, lv)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(2.5 * got, [x, t, v, lv]), torch.autograd.grad(2.5 * want, [x, t, v, lv])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # second derivatives under compile: torch.func inside the compiled function (create_graph
+    # through a compiled region is torch.compile's limitation for every op)
+    h = torch.compile(TF.hessian(lambda x, v: f(x, t.detach(), v, lv.detach()), argnums=(0, 1)), fullgraph=True,
+                      backend=backend)(x.detach(), v.detach())
+    hw = TF.hessian(lambda x, v: f(x, t.detach(), v, lv.detach()), argnums=(0, 1))(x.detach(), v.detach())
+    for r1, r2 in zip(h, hw):
+        for a, b in zip(r1, r2):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    psg = torch.compile(TF.vmap(TF.grad(lambda x, v: fastgen.gaussian_nll_loss(x, t[0].detach(), v))), fullgraph=True,
+                        backend=backend)(x.detach(), v.detach().expand(6, 4).contiguous())
+    want = torch.stack([TF.grad(lambda x: F.gaussian_nll_loss(x, t[0].detach(), v[i].detach().expand(4)))(x[i].detach())
+                        for i in range(6)])
+    torch.testing.assert_close(psg, want, rtol=1e-10, atol=1e-12)
