@@ -225,7 +225,7 @@ def _var_plan(vshape, out_shape):
 def _plan(input, target, var, out_shape, dt):
     """Flat contiguous (x, t, v) in the result dtype dt and the (A, B, C) plan (see module doc)."""
     N = math.prod(out_shape)
-    x, t, v = input.to(dt), target.to(dt), var.to(dt)
+    x, t, v = (a if a.dtype == dt else a.to(dt) for a in (input, target, var))
     plan = _var_plan(v.shape, out_shape)
     if plan is None:  # broadcast dims of var not contiguous (only when target widens input)
         v = v.expand(out_shape)
@@ -243,7 +243,7 @@ def _grad_like(g, like, out_shape):
         g = g.view(like.shape)
     else:
         g = g.view(out_shape).sum_to_size(like.shape)
-    return g.to(like.dtype)
+    return g if g.dtype == like.dtype else g.to(like.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -640,6 +640,17 @@ def _(grad_out, input, target, var, full, eps, log_var, beta, need_input, need_t
                  zip((input, target, var), (need_input, need_target, need_var)))
 
 
+_FUSED = torch.ops.fastgen._gaussian_nll_loss_fused.default
+_BACKWARD = torch.ops.fastgen._gaussian_nll_loss_backward.default
+
+
+def _below_autograd(op, *args):
+    # (the OpOverload below the Autograd key: not through custom_op's Python wrappers, which cost
+    # more than the kernel on small inputs; the callers run where no gradient flows)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 # ---- the differentiable formula (double backward, forward-mode AD, torch.func) ----------------
 def _st_clamp(v, eps):
     """max(v, eps) whose derivatives of every order pass straight through the clamp (torch clamps
@@ -689,7 +700,8 @@ class _NLLFunction(_compile.OpFunction):
         ctx.save_for_forward(input, target, var)
         if grad_on and red > 0 and any(need) and not torch._C._are_functorch_transforms_active():
             # gradients in the forward pass (fast path; not under vmap: the fused op has no vmap rule)
-            loss, *grads = _fused_op(input, target, var, full, eps, reduction, log_var, beta, check_var, *need)
+            loss, *grads = _below_autograd(_FUSED, input, target, var, full, eps, reduction, log_var, beta, check_var,
+                                           *need)
             ctx.stash = grads
         else:
             with torch._C._AutoDispatchBelowAutograd():
@@ -709,13 +721,13 @@ class _NLLFunction(_compile.OpFunction):
             with _dispatch.use_backend(ctx.backend, "gaussian_nll") if ctx.backend else contextlib.nullcontext():
                 if reduction != "none":
                     if stash is None:  # a second backward (retain_graph=True): recompute them
-                        stash = _fused_op(input, target, var, full, eps, reduction, log_var, beta, CHECK_OFF,
-                                          *need)[1:]
+                        stash = _below_autograd(_FUSED, input, target, var, full, eps, reduction, log_var, beta,
+                                                CHECK_OFF, *need)[1:]
                     grads = _scale([g for g, n in zip(stash, need) if n], grad_out)
                     it = iter(grads)
                     grads = [next(it) if n else None for n in need]
                 else:
-                    grads = _backward_op(grad_out, input, target, var, full, eps, log_var, beta, *need)
+                    grads = _below_autograd(_BACKWARD, grad_out, input, target, var, full, eps, log_var, beta, *need)
         else:
             grads = _formula_backward(grad_out, input, target, var, eps, reduction, log_var, beta, need)
         return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None, None, None, None)
