@@ -427,3 +427,20 @@ def test_compile_fullgraph_backward_and_hessian(backend):
     want = torch.stack([TF.grad(lambda x: F.gaussian_nll_loss(x, t[0].detach(), v[i].detach().expand(4)))(x[i].detach())
                         for i in range(6)])
     torch.testing.assert_close(psg, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nested_transforms_see_the_output(reduction):
+    """An outer torch.func level differentiates the primal output of an inner vjp / jvp (the op's
+    forward must stay visible to the outer levels), and jacrev(grad(f))."""
+    torch.manual_seed(4)
+    x, t, v = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64), torch.rand(3, 4, dtype=F64) + 0.2
+    ours = lambda x: fastgen.gaussian_nll_loss(x, t, v, reduction=reduction)  # noqa: E731
+    theirs = lambda x: F.gaussian_nll_loss(x, t, v, reduction=reduction)  # noqa: E731
+    ones = torch.ones_like(x)
+    for fn in (lambda h: TF.jacrev(lambda x: TF.vjp(h, x)[0])(x),
+               lambda h: TF.jacfwd(lambda x: TF.vjp(h, x)[0])(x),
+               lambda h: TF.jacrev(lambda x: TF.jvp(h, (x,), (ones,))[0])(x),
+               lambda h: TF.jacrev(TF.grad(lambda x: h(x).sum()))(x),
+               lambda h: TF.grad(lambda x: h(x).sum() * TF.grad(lambda y: h(y).sum())(x).sum())(x)):
+        torch.testing.assert_close(fn(ours), fn(theirs), rtol=1e-10, atol=1e-12)

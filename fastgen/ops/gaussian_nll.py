@@ -46,6 +46,7 @@ from types import SimpleNamespace
 
 import torch
 from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import _backend, _compile, _dispatch
@@ -703,6 +704,13 @@ class _NLLFunction(_compile.OpFunction):
             loss, *grads = _below_autograd(_FUSED, input, target, var, full, eps, reduction, log_var, beta, check_var,
                                            *need)
             ctx.stash = grads
+        elif torch._C._are_functorch_transforms_active():
+            # Function.apply runs forward with grad mode and forward grad off, but the op below
+            # this level must still be recorded by the outer torch.func levels (the output of a
+            # vjp / jvp differentiated again, jacrev(grad(f))): turn both back on, as
+            # torch._functorch.autograd_function does (and fastgen._compile.OpFunction).
+            with torch.enable_grad(), _set_fwd_grad_enabled(True), torch._C._AutoDispatchBelowAutograd():
+                loss = _NLLFunction.op(input, target, var, full, eps, reduction, log_var, beta, check_var)
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 loss = _NLLFunction.op(input, target, var, full, eps, reduction, log_var, beta, check_var)
