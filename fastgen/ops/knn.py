@@ -413,8 +413,14 @@ def _knn_impl(query, key, k, backend):
     name, _ = _dispatch.select("knn", backend, query.device.type, **info)
     check = _check_finite_inputs(name, query, key)
     d, i = _dispatch.run("knn", (query, key, k), backend=backend, device_type=query.device.type, **info)
-    # contiguous: the fake kernel cannot know a backend's layout (triton may pad rows)
-    return _poison(d, check).contiguous(), i.contiguous()
+    return _own(_poison(d, check)), _own(i)
+
+
+def _own(t):
+    """t as a contiguous tensor that owns its storage: the fake kernel cannot know a backend's
+    layout (triton returns row slices of padded buffers), and forward-mode AD rejects an op
+    output that is a view of a hidden buffer."""
+    return t.clone(memory_format=torch.contiguous_format) if t._base is not None or not t.is_contiguous() else t
 
 
 def _check_finite_inputs(name, query, key):
