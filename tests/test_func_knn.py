@@ -13,7 +13,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import fastgen
 from fastgen import _dispatch
-from fastgen.reference.knn import knn as ref_knn
+from fastgen.reference.knn import knn as ref_knn, neighbour_dist2
 from conftest import has_ext_kernel, has_faiss, has_triton
 
 F64 = torch.float64
@@ -46,11 +46,7 @@ def separated(q_shape, k_shape, k, seed, gap=1e-3):
 
 def ref_dist2(q, key, k):
     """||q - key[idx]||^2 with idx from the float64 brute force: plain torch (differentiable)."""
-    idx = ref_knn(q, key, k)[1]
-    if q.dim() == 2:
-        return (q[:, None, :] - key[idx]).pow(2).sum(-1)
-    b = torch.arange(q.shape[0])[:, None, None]
-    return (q[:, :, None, :] - key[b, idx]).pow(2).sum(-1)
+    return neighbour_dist2(q, key, ref_knn(q, key, k)[1])
 
 
 def d2(backend, k):

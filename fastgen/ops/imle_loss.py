@@ -148,8 +148,7 @@ def _as_batched(samples, data, conditional):
 # the op fastgen::imle_nearest: the data-dependent neighbour search (no gradient: it returns
 # indices), called by imle_loss in eager and compiled code alike; the loss is traced around it
 # ---------------------------------------------------------------------------------------------
-@_compile.op("imle_nearest", "(Tensor data, Tensor samples, float rejection_radius, str backend) -> (Tensor, Tensor)")
-def _op_nearest(data, samples, rejection_radius, backend):
+def _nearest_impl(data, samples, rejection_radius, backend):
     """data [B, N, D], samples [B, S, D] (one dtype, no grad) -> (index int64 [B, N] of the
     nearest eligible sample, found bool [B, N]). NaN / inf inputs raise ValueError naming them,
     except while a CUDA graph is being captured (no host read allowed: imle_loss then turns the
@@ -166,14 +165,12 @@ def _op_nearest(data, samples, rejection_radius, backend):
     return index, found
 
 
-@_op_nearest.register_fake
-def _(data, samples, rejection_radius, backend):
+def _nearest_fake(data, samples, rejection_radius, backend):
     B, N, _ = data.shape
     return data.new_empty((B, N), dtype=torch.int64), data.new_empty((B, N), dtype=torch.bool)
 
 
-@_op_nearest.register_vmap
-def _(info, in_dims, data, samples, rejection_radius, backend):
+def _nearest_vmap(info, in_dims, data, samples, rejection_radius, backend):
     """vmap rule: the vmapped dim V goes onto the search's own dims, one call. Samples not
     batched: V folds into the examples ([V, B, N, D] -> [B, V*N, D]; samples not copied).
     Samples batched: V folds into the condition batch (conditional IMLE: [V*B, N, D] x
@@ -190,6 +187,11 @@ def _(info, in_dims, data, samples, rejection_radius, backend):
     _, B, N, D = x.shape
     index, found = _op_nearest(x.reshape(V * B, N, D), s.reshape(V * B, *s.shape[2:]), rejection_radius, backend)
     return (index.view(V, B, N), found.view(V, B, N)), (0, 0)
+
+
+# no autograd kernel: the outputs are an index and a mask (the inputs reach it detached)
+_op_nearest = _compile.define("imle_nearest", "(Tensor data, Tensor samples, float rejection_radius, str backend) "
+                              "-> (Tensor, Tensor)", _nearest_impl, fake=_nearest_fake, vmap=_nearest_vmap)
 
 
 def _capture_mask(data, samples, r):

@@ -41,3 +41,15 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, chunk: int | None
     if squeeze:
         return d_out[0], i_out[0]
     return d_out, i_out
+
+
+def neighbour_dist2(query: torch.Tensor, key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """||query_i - key[index_ij]||^2 by direct differences in plain torch: the reference of
+    fastgen.knn's derivatives (dist2 is differentiable with the neighbours held fixed; the
+    argmin is piecewise constant). query [N, D] / key [M, D] / index [N, k], or batched
+    [B, N, D] / [B, M, D] / [B, N, k] -> [.., N, k] in the inputs' dtype; differentiable (any
+    order, forward and reverse mode, vmap) w.r.t. query and key."""
+    if query.dim() == 2:
+        return (query[:, None, :] - key[index]).pow(2).sum(-1)
+    b = torch.arange(query.shape[0], device=query.device)[:, None, None]
+    return (query[:, :, None, :] - key[b, index]).pow(2).sum(-1)
