@@ -106,6 +106,8 @@ def test_jacrev_jacfwd_hessian_match_reference(name):
     torch.testing.assert_close(tf.jacfwd(f)(s), tf.jacfwd(r)(s))
     torch.testing.assert_close(tf.hessian(lambda a: fastgen.imle_loss(a, x, **kw))(s),
                                tf.hessian(lambda a: ref.imle_loss(a, x, **kw))(s))
+    torch.testing.assert_close(tf.jacrev(tf.grad(lambda a: fastgen.imle_loss(a, x, **red).pow(2).sum()))(s),
+                               tf.jacrev(tf.grad(lambda a: ref.imle_loss(a, x, **red).pow(2).sum()))(s))
 
 
 def test_forward_ad_and_double_backward_match_reference():

@@ -46,7 +46,9 @@ def separated(q_shape, k_shape, k, seed, gap=1e-3):
 
 def ref_dist2(q, key, k):
     """||q - key[idx]||^2 with idx from the float64 brute force: plain torch (differentiable)."""
-    return neighbour_dist2(q, key, ref_knn(q, key, k)[1])
+    d = ref_knn(q, key, k)[0]
+    torch.testing.assert_close(d, neighbour_dist2(q, key, ref_knn(q, key, k)[1]), rtol=0, atol=0)
+    return d
 
 
 def d2(backend, k):
@@ -115,6 +117,11 @@ def test_jacrev_jacfwd_hessian_match_reference(backend, batched):
     for ga, wa in zip(got, want):
         for a, b in zip(ga, wa):
             torch.testing.assert_close(a, b)
+    # reverse-over-reverse, and grad of a function of the output under an outer transform
+    g2 = tf.jacrev(tf.grad(lambda a, b: (f(a, b) * w).sum()))(q, key)
+    torch.testing.assert_close(g2, tf.jacrev(tf.grad(lambda a, b: (r(a, b) * w).sum()))(q, key))
+    g3 = tf.jacfwd(tf.grad(lambda a, b: f(a, b).pow(2).sum(), argnums=1), argnums=0)(q, key)
+    torch.testing.assert_close(g3, tf.jacfwd(tf.grad(lambda a, b: r(a, b).pow(2).sum(), argnums=1), argnums=0)(q, key))
 
 
 # ------------------------------------------------------------------------------- vmap

@@ -14,6 +14,9 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, chunk: int | None
     ties go to the lowest key index (a stable sort of the distances in index order).
     Memory: the [rows, M] distance block plus a [rows, keys, D] difference block of at most
     2^24 elements (``chunk`` forces the number of query rows per block). For tests, not speed.
+
+    dist2 is differentiable w.r.t. query and key (any order, forward and reverse mode, as
+    :func:`neighbour_dist2` at the returned indices): the reference of fastgen.knn's derivatives.
     """
     squeeze = query.dim() == 2
     q = query.detach().to(torch.float64)
@@ -38,6 +41,9 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, chunk: int | None
             order = torch.sort(d, dim=1, stable=True).indices[:, :k]
             d_out[b, s:e] = torch.gather(d, 1, order)
             i_out[b, s:e] = order
+    # the same float64 values, recomputed differentiably at the chosen neighbours
+    q64, k64 = query.to(torch.float64), key.to(torch.float64)
+    d_out = neighbour_dist2(q64[None] if squeeze else q64, k64[None] if squeeze else k64, i_out)
     if squeeze:
         return d_out[0], i_out[0]
     return d_out, i_out
