@@ -9,13 +9,13 @@
 * gpu-marked: CUDA graph capture and torch.cuda.set_sync_debug_mode("error").
 """
 import math
+import operator
 
 import pytest
 import torch
 
 import fastgen
 from fastgen._dispatch import use_backend
-from fastgen.ops import gaussian_nll as gnll
 from fastgen.ops import spread_log_likelihood as sll
 from fastgen.ops import spread_noise as sn
 
@@ -33,56 +33,52 @@ def _opcheck(op, args):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", backends_for("gaussian_nll"))
 def test_gaussian_nll_opcheck(backend):
-    fwd = torch.ops.fastgen.gaussian_nll_loss.default
-    bwd = torch.ops.fastgen.gaussian_nll_loss_backward.default
-    # (A, B, C): per-element var (1, 1, N) and var broadcast over B; need flags partly off
-    cases = [((1, 1, 30), 1, False, 0.0, (True, True, True), F64),
-             ((3, 4, 5), 2, True, 0.5, (True, False, True), F64),
-             ((3, 4, 5), 0, False, 0.5, (True, True, True), F64),
-             ((6, 5, 1), 1, True, 0.0, (False, False, True), torch.float32),
-             ((1, 1, 24), 2, False, 0.0, (True, True, False), torch.bfloat16)]
+    """opcheck on the public op fastgen::gaussian_nll_loss (what fastgen.gaussian_nll_loss calls in
+    eager and compiled code) and on its internal fused ops: per-element, row and middle-broadcast
+    var, a target wider than input, mixed dtypes, log_var / beta, every reduction."""
+    op = torch.ops.fastgen.gaussian_nll_loss.default
+    fused = torch.ops.fastgen._gaussian_nll_loss_fused.default
+    bwd = torch.ops.fastgen._gaussian_nll_loss_backward.default
+    # (input, target, var shapes), reduction, log_var, beta, dtypes (input, target, var)
+    cases = [(((5, 6), (5, 6), (5, 6)), "mean", False, 0.0, (F64, F64, F64)),
+             (((3, 4, 5), (3, 4, 5), (3, 1, 5)), "sum", True, 0.5, (F64, F64, F64)),
+             (((3, 4, 5), (3, 4, 5), (3, 4, 1)), "none", False, 0.5, (F64, F64, F64)),
+             (((4, 3), (2, 4, 3), (4, 1)), "none", False, 0.0, (F64, F64, F64)),
+             (((6, 5), (6, 5), (6, 1)), "mean", False, 0.0, (torch.bfloat16, torch.float32, torch.float32)),
+             (((24,), (24,), (24,)), "sum", False, 0.0, (torch.bfloat16,) * 3)]
     with use_backend(backend, "gaussian_nll"):
-        for (A, B, C), red, log_var, beta, need, dt in cases:
-            x = torch.randn(A * B * C, dtype=dt, requires_grad=need[0])
-            t = torch.randn(A * B * C, dtype=dt, requires_grad=need[1])
-            v = (torch.randn(A * C, dtype=dt) if log_var else torch.rand(A * C, dtype=dt) + 0.2).requires_grad_(need[2])
-            _opcheck(fwd, (x, t, v, A, B, C, True, 1e-6, log_var, beta, red, *need, True))
-            go = torch.randn(A * B * C, dtype=dt)
-            _opcheck(bwd, (go, x.detach(), t.detach(), v.detach(), A, B, C, False, 1e-6, log_var, beta, *need))
+        for (xs, ts, vs), red, log_var, beta, (dx, dt, dv) in cases:
+            x = torch.randn(xs, dtype=dx, requires_grad=True)
+            t = torch.randn(ts, dtype=dt, requires_grad=True)
+            v = (torch.randn(vs, dtype=dv) if log_var else torch.rand(vs, dtype=dv) + 0.2).requires_grad_()
+            _opcheck(op, (x, t, v, True, 1e-6, red, log_var, beta, 1))
+            # (the internal ops have no autograd: they run inside the public op's autograd kernel)
+            if red != "none":
+                _opcheck(fused, (x.detach(), t.detach(), v.detach(), False, 1e-6, red, log_var, beta, 1, True, False,
+                                 True))
+            else:
+                go = torch.randn(torch.broadcast_shapes(xs, ts, vs), dtype=F64)
+                _opcheck(bwd, (go, x.detach(), t.detach(), v.detach(), False, 1e-6, log_var, beta, True, True, True))
 
 
-@pytest.mark.parametrize("backend", backends_for("gaussian_nll"))
-def test_gaussian_nll_custom_op_path_matches_eager(backend):
-    """_via_custom_op (the torch.compile path, run eagerly) against the public eager call: values
-    and gradients, every reduction, broadcast var shapes, float64 / float16 / bf16 + fp32 mix."""
-    for dt, tol in ((F64, 1e-12), (torch.float16, 2e-3)):
-        for vshape in [(4, 6, 5), (4, 6), (4, 1, 5), "float"]:
-            for red in ("mean", "sum", "none"):
-                x = (torch.randn(4, 6, 5, dtype=F64) + 100.0).to(dt).requires_grad_()
-                t = (torch.randn(4, 6, 5, dtype=F64) + 100.0).to(dt)
-                v = 0.7 if vshape == "float" else (torch.rand(vshape, dtype=F64) + 0.1).to(dt).requires_grad_()
-                with use_backend(backend, "gaussian_nll"):
-                    want = fastgen.gaussian_nll_loss(x, t, v, full=True, reduction=red, beta=0.5)
-                    vv = gnll._check_args(x, t, v, True, 1e-6, red, False, 0.5)
-                    got = gnll._via_custom_op(x, t, vv, True, 1e-6, red, False, 0.5)
-                assert got.shape == want.shape and got.dtype == want.dtype
-                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-                leaves = [x] + ([v] if isinstance(v, torch.Tensor) else [])
-                g = torch.rand_like(want)
-                for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
-                    torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
-    # mixed dtypes and a target that needs grad
-    x = torch.randn(5, 3, dtype=torch.bfloat16, requires_grad=True)
-    t = torch.randn(5, 3, requires_grad=True)
-    v = torch.rand(5, 1, requires_grad=True) + 0.5
-    with use_backend(backend, "gaussian_nll"):
-        want = fastgen.gaussian_nll_loss(x, t, v)
-        got = gnll._via_custom_op(x, t, v, False, 1e-6, "mean", False, 0.0)
-    assert got.dtype == want.dtype == torch.float32
-    torch.testing.assert_close(got, want)
-    for a, b in zip(torch.autograd.grad(got, [x, t, v]), torch.autograd.grad(want, [x, t, v])):
-        assert a.dtype == b.dtype
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+def test_gaussian_nll_one_op_path():
+    """fastgen.gaussian_nll_loss and fastgen.nn.GaussianNLLLoss call the op fastgen::gaussian_nll_loss
+    (traced with make_fx: nothing else); with inputs that need grad and a "mean" / "sum" reduction,
+    its autograd kernel runs the fused forward-and-gradients op (the eager fast path)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, t, v = torch.randn(4, 3), torch.randn(4, 3), torch.rand(4, 1) + 0.1
+
+    def targets(fn, *a):
+        return [n.target for n in make_fx(fn)(*a).graph.nodes if n.op == "call_function"]
+
+    want = [torch.ops.fastgen.gaussian_nll_loss.default]
+    assert targets(lambda x, t, v: fastgen.gaussian_nll_loss(x, t, v), x, t, v) == want
+    assert targets(lambda x, t, v: fastgen.nn.GaussianNLLLoss(reduction="sum")(x, t, v), x, t, v) == want
+    assert targets(lambda x, t: fastgen.gaussian_nll_loss(x, t, 0.5), x, t)[-1:] == want  # after the full()
+    xg = x.clone().requires_grad_()
+    got = targets(lambda x, t, v: fastgen.gaussian_nll_loss(x, t, v), xg, t, v)
+    assert got[0] == torch.ops.fastgen._gaussian_nll_loss_fused.default and set(got[1:]) == {operator.getitem}, got
 
 
 def test_gaussian_nll_check_var_eager():
@@ -106,24 +102,30 @@ def test_gaussian_nll_check_var_eager():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", backends_for("spread_noise"))
 def test_spread_noise_opcheck_and_custom_op_path(backend):
-    fwd = torch.ops.fastgen.spread_noise_op.default
+    """opcheck of the public op fastgen::spread_noise (the backend as its argument and through
+    use_backend) and of the internal _spread_noise_grad_sigma; the op against the backend's kernel."""
+    fwd = torch.ops.fastgen.spread_noise.default
+    gs_op = torch.ops.fastgen._spread_noise_grad_sigma.default
+    impl = {"torch": sn._TorchImpl, "cpu": sn._CppImpl, "triton": getattr(sn, "_TritonImpl", None)}[backend]
     seed = torch.tensor(987654321, dtype=torch.int64)
     with use_backend(backend, "spread_noise"):
         for kind in (0, 1):
-            for sshape, dt in ((None, F64), ((1, 7), F64), ((5, 1), torch.float32), ((), torch.bfloat16)):
+            for sshape, dt in ((None, F64), ((1, 7), F64), ((5, 1), torch.float32), ((), torch.bfloat16),
+                               ((7,), F64)):
                 x = torch.randn(5, 7, dtype=dt, requires_grad=True)
                 sig = 0.7 if sshape is None else (torch.rand(sshape, dtype=dt) + 0.5).requires_grad_()
                 st, sf = sn._check_sigma(sig, x)
                 sf = 0.0 if sf is None else sf
                 _opcheck(fwd, (x, st, sf, kind, seed))
+                _opcheck(fwd, (x, st, sf, kind, seed, 256, backend))
                 y = fwd(x, st, sf, kind, seed)
-                # the same noise as the backend's eager kernel for this (seed, offset 0)
-                want = sn._IMPLS[backend].forward(x.detach(), None if st is None else st.detach(), sf, kind,
-                                                  int(seed), 0)
+                # the same noise as the backend's kernel for this (seed, offset 0)
+                want = impl.forward(x.detach(), None if st is None else st.detach(), sf, kind, int(seed), 0)
                 assert y.dtype == x.dtype and y.shape == x.shape
                 torch.testing.assert_close(y, want, rtol=0, atol=0)
                 if st is None:
                     continue
+                _opcheck(gs_op, (torch.randn(5, 7, dtype=dt), st.detach(), kind, seed, 0, backend))
                 # backward regenerates the same noise: grad_sigma = sum(eps * w) over sigma's broadcast dims
                 w = torch.randn_like(x)
                 gx, gs = torch.autograd.grad(y, [x, sig], w)
@@ -135,15 +137,31 @@ def test_spread_noise_opcheck_and_custom_op_path(backend):
                 torch.testing.assert_close(gs.double(), exp, rtol=1e-5, atol=1e-3 + 2e-2 * float(scale))
 
 
+def test_spread_noise_backward_uses_the_forward_backend():
+    """The noise differs between backends: a backward run outside the forward's use_backend block
+    regenerates the forward backend's noise (fast fused path and differentiable path alike)."""
+    x = torch.zeros(3, 50)
+    s = torch.tensor(1.0, requires_grad=True)
+    with use_backend("torch", "spread_noise"):
+        y = fastgen.spread_noise(x, s, generator=torch.Generator().manual_seed(4))
+    other = "cpu" if has_ext_kernel("spread_noise") else "triton"
+    with use_backend(other, "spread_noise"):
+        (g2,) = torch.autograd.grad(y, s, y.detach(), create_graph=True, retain_graph=True)  # differentiable
+        (g,) = torch.autograd.grad(y, s, y.detach())  # fused
+    want = (y.detach().double() ** 2).sum().float()  # grad_sigma = sum(eps * eps) with eps = y
+    torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g2, want, rtol=1e-5, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # spread_log_likelihood
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", backends_for("spread_log_likelihood"))
 def test_spread_log_likelihood_opcheck_and_custom_op_path(backend):
-    fwd = torch.ops.fastgen.spread_log_likelihood_op.default
-    bwd = torch.ops.fastgen.spread_log_likelihood_op_backward.default
+    fwd = torch.ops.fastgen.spread_log_likelihood.default
+    bwd = torch.ops.fastgen._spread_log_likelihood_backward.default
     with use_backend(backend, "spread_log_likelihood"):
-        for kind, sd, dt in ((0, 1, F64), (1, 5, F64), (0, 5, torch.float32)):
+        for kind, sd, dt in ((0, 1, F64), (1, 5, F64), (0, 5, torch.float32), (1, 1, torch.float32)):
             y = (torch.randn(7, 5, dtype=dt) + 50).requires_grad_()
             x = (torch.randn(6, 5, dtype=dt) + 50).requires_grad_()
             s = (torch.rand(sd, dtype=dt) + 0.5).requires_grad_()
@@ -154,8 +172,13 @@ def test_spread_log_likelihood_opcheck_and_custom_op_path(backend):
             want = fastgen.spread_log_likelihood(y, x, s, kind=("gaussian", "laplace")[kind])
             torch.testing.assert_close(out, want, rtol=0, atol=0)
             g = torch.randn(7, dtype=dt)
-            for a, b in zip(torch.autograd.grad(out, [y, x, s], g), torch.autograd.grad(want, [y, x, s], g)):
+            fast = torch.autograd.grad(out, [y, x, s], g, retain_graph=True)
+            for a, b in zip(fast, torch.autograd.grad(want, [y, x, s], g)):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
+            # the differentiable backward (create_graph) agrees with the fused one
+            tol = dict(rtol=1e-4, atol=1e-4) if dt == torch.float32 else {}
+            for a, b in zip(torch.autograd.grad(out, [y, x, s], g, create_graph=True), fast):
+                torch.testing.assert_close(a, b, **tol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +493,7 @@ KNN_BACKENDS = backends_for("knn") + [pytest.param("faiss", marks=pytest.mark.sk
 
 @pytest.mark.parametrize("backend", KNN_BACKENDS)
 def test_knn_opcheck_and_custom_op_path(backend):
-    op = torch.ops.fastgen.knn_op.default
+    op = torch.ops.fastgen.knn.default
     q = (torch.randn(2, 7, 5, dtype=F64) + 100.0).requires_grad_()
     key = (torch.randn(2, 11, 5, dtype=F64) + 100.0)
     key[:, 3] = key[:, 8]  # duplicate keys: ties go to the lowest index
