@@ -113,3 +113,17 @@ def is_compiling() -> bool:
 def fresh_empty(like: torch.Tensor) -> torch.Tensor:
     """A new 0-element tensor: a custom op may not return one tensor twice or alias an input."""
     return like.new_empty(0)
+
+
+def forbid_forward_over_forward(name: str) -> None:
+    """Call at the top of an :class:`OpFunction` ``jvp``: raise NotImplementedError when two
+    forward-mode transforms are nested (``jacfwd(jacfwd(f))``, ``jvp`` of ``jvp``). The jvp
+    formula then runs below the outer forward level, which does not see it: the second-order
+    term would be silently missing (as for torch's own autograd.Function jvp). Forward-over-
+    reverse (``jacfwd(jacrev(f))`` = ``torch.func.hessian``) and reverse-over-forward work."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if sum(1 for i in stack if i.key() == torch._C._functorch.TransformType.Jvp) >= 2:
+        raise NotImplementedError(
+            f"fastgen.{name}: forward-over-forward AD (jacfwd(jacfwd(f)), jvp of jvp) is not supported "
+            "(the op's jvp formula is not itself forward-differentiable); use torch.func.hessian / "
+            "jacfwd(jacrev(f)) or jacrev(jacrev(f))")
