@@ -81,6 +81,14 @@ def define(name: str, schema: str, impl, *, fake, autograd: type[OpFunction] | N
     overload = getattr(torch.ops.fastgen, name).default
     if autograd is not None:
         autograd.op = overload
+        if "jvp" in vars(autograd):  # every op: forward-over-forward raises instead of a missing term
+            _jvp = vars(autograd)["jvp"].__func__
+
+            def jvp(ctx, *tangents, _jvp=_jvp, _name=name):
+                forbid_forward_over_forward(_name)
+                return _jvp(ctx, *tangents)
+
+            autograd.jvp = staticmethod(jvp)
         apply = super(torch.autograd.Function, autograd).apply  # the single-level Function.apply
 
         def autograd_kernel(*args):
