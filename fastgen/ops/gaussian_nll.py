@@ -743,6 +743,7 @@ class _NLLFunction(_compile.OpFunction):
 
     @staticmethod
     def jvp(ctx, d_input, d_target, d_var, *_):
+        _compile.forbid_forward_over_forward("gaussian_nll_loss")  # else the 2nd-order term is lost
         input, target, var = ctx.saved_tensors
         full, eps, reduction, log_var, beta = ctx.args
         dt = _result_dtype(input, target, var)
