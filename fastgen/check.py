@@ -31,6 +31,7 @@ using in this process after a GPU kernel failed) is printed and saved too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -482,8 +483,10 @@ def backends_of(op: str, device: str) -> list[str]:
     return order + rest
 
 
-def run_check(device: str = "cpu", ops=OPS, quick: bool = False, log=print) -> tuple[list[Row], dict]:
-    """Check and time every backend of ``ops`` on ``device``; returns (rows, environment)."""
+def run_check(device: str = "cpu", ops=OPS, quick: bool = False, log=print, on_op=None) -> tuple[list[Row], dict]:
+    """Check and time every backend of ``ops`` on ``device``; returns (rows, environment).
+    ``on_op(rows)`` is called after each op (``fastgen check --json`` saves what it has, so that a
+    run cut short by a deadline keeps its finished ops)."""
     import torch
 
     from fastgen import _dispatch
@@ -496,17 +499,22 @@ def run_check(device: str = "cpu", ops=OPS, quick: bool = False, log=print) -> t
     reps = 5 if quick else 20
     for op in ops:
         dop = DISPATCH_OP[op]
-        for b in backends_of(op, device):
+        for b in ["auto"] + backends_of(op, device):
             row = Row(op, b, tol=TOL[op])
             rows.append(row)
-            why = _dispatch.unavailable_reason(dop, b, device)
+            if b == "auto":  # what users get by default (the safe fallback included)
+                why = None
+                row.reason = f"picks {_dispatch.select(dop, 'auto', device)[0]} (without shape hints)"
+            else:
+                why = _dispatch.unavailable_reason(dop, b, device)
             if why is not None:
                 row.status, row.reason = "unavailable", why
                 continue
             small = b == "triton" and device == "cpu"  # the interpreter: small shapes
             t0 = time.perf_counter()
+            forced = _dispatch.use_backend(b, op=dop) if b != "auto" else contextlib.nullcontext()
             try:
-                with _dispatch.use_backend(b, op=dop), warnings.catch_warnings():
+                with forced, warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     cases = CHECKS[op](device, small)
             except Exception as e:  # noqa: BLE001 - a backend that raises is a failure, reported
@@ -515,7 +523,8 @@ def run_check(device: str = "cpu", ops=OPS, quick: bool = False, log=print) -> t
             cases = [tuple(c) + (TOL[op],) * (4 - len(c)) for c in cases]  # (name, err, detail, tol)
             row.cases = [dict(case=c, err=e, detail=dt, tol=tl) for c, e, dt, tl in cases]
             row.max_err = max(e for _, e, _, tl in cases if tl == TOL[op])
-            row.reason = "; ".join(f"{c} {e:.1e} (tol {tl:.0e})" for c, e, _, tl in cases if tl != TOL[op])
+            row.reason = "; ".join([row.reason] * bool(row.reason) + [f"{c} {e:.1e} (tol {tl:.0e})" for c, e, _, tl in cases
+                                                                      if tl != TOL[op]])
             bad = [(c, e, dt) for c, e, dt, tl in cases if not e <= tl]
             if bad:
                 row.status = "FAIL"
@@ -529,8 +538,9 @@ def run_check(device: str = "cpu", ops=OPS, quick: bool = False, log=print) -> t
                 work = workloads(device, quick)
             shape, fn, _ = work[op]
             row.shape = shape
+            forced = _dispatch.use_backend(b, op=dop) if b != "auto" else contextlib.nullcontext()
             try:
-                with _dispatch.use_backend(b, op=dop):
+                with forced:
                     row.ms = time_ms(fn, device, reps)
             except Exception as e:  # noqa: BLE001
                 row.status, row.reason = "FAIL", f"timing run: {type(e).__name__}: {e}".splitlines()[0][:200]
@@ -550,7 +560,34 @@ def run_check(device: str = "cpu", ops=OPS, quick: bool = False, log=print) -> t
                 prow.status = "timed"
             except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
                 prow.status, prow.reason = "error", f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        if on_op is not None:
+            on_op(rows)
     return rows, environment(device)
+
+
+def _clean(o):
+    """Strict JSON: inf / nan as strings."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def write_json(path: str, rows: list[Row], env: dict, *, quick: bool, seconds: float, complete: bool) -> None:
+    from fastgen import _dispatch
+
+    ok = all(r.status != "FAIL" for r in rows if r.kind == "backend")
+    data = dict(ok=ok if complete else None, complete=complete, seconds=seconds, env=env, quick=quick,
+                rows=[asdict(r) for r in rows],
+                failures=[dict(op=o, backend=b, device=d, error=w) for (o, b, d), w in _dispatch.failures().items()])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_clean(data), f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def environment(device: str) -> dict:
@@ -559,7 +596,7 @@ def environment(device: str) -> dict:
     import fastgen
 
     env = dict(fastgen=fastgen.__version__, torch=torch.__version__, python=platform.python_version(),
-               device=device, cpu=_cpu_name(), threads=torch.get_num_threads(),
+               device=device, cpu=_cpu_name(), isa=_cpu_isa(), threads=torch.get_num_threads(),
                triton_interpret=os.environ.get("TRITON_INTERPRET", "0") == "1")
     try:
         import triton
@@ -585,17 +622,26 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_isa() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return platform.machine()
+    return "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else platform.machine())
+
+
 def format_table(rows: list[Row]) -> str:
     def num(x, f):
         return "-" if x is None else (("inf" if math.isinf(x) else format(x, f)))
 
-    lines = [f"{'op':<22} {'backend':<34} {'status':<11} {'max err':>8} {'tol':>7} {'ms':>9}  notes"]
+    lines = [f"{'op':<22} {'backend':<42} {'status':<11} {'max err':>8} {'tol':>7} {'ms':>9}  notes"]
     for r in rows:
         note = r.reason
         if r.shape and r.ms is not None:
             note = (note + "; " if note else "") + r.shape
         name = r.backend if r.kind == "backend" else f"peer: {r.backend}"
-        lines.append(f"{r.op:<22} {name:<34} {r.status:<11} {num(r.max_err, '.1e'):>8} "
+        lines.append(f"{r.op:<22} {name:<42} {r.status:<11} {num(r.max_err, '.1e'):>8} "
                      f"{num(r.tol if r.kind == 'backend' else None, '.0e'):>7} {num(r.ms, '.2f'):>9}  {note}")
     return "\n".join(lines)
 
@@ -628,9 +674,13 @@ def run_main(a, p) -> int:
     t0 = time.perf_counter()
     env = environment(device)
     where = env.get("gpu") or env["cpu"]
-    print(f"fastgen check: {device} ({where}, {env['threads']} CPU threads), torch {env['torch']}, "
+    print(f"fastgen check: {device} ({where}, {env['isa']}, {env['threads']} CPU threads), torch {env['torch']}, "
           f"triton {env['triton']}{' (TRITON_INTERPRET=1)' if env['triton_interpret'] else ''}", flush=True)
-    rows, env = run_check(device, ops, a.quick, log=lambda s: print(s, flush=True))
+    def save_partial(rows):
+        if a.json:
+            write_json(a.json, rows, env, quick=a.quick, seconds=time.perf_counter() - t0, complete=False)
+
+    rows, env = run_check(device, ops, a.quick, log=lambda s: print(s, flush=True), on_op=save_partial)
     seconds = time.perf_counter() - t0
     ok = all(r.status != "FAIL" for r in rows if r.kind == "backend")
     print()
@@ -640,25 +690,12 @@ def run_main(a, p) -> int:
         print("backends 'auto' stopped using in this process:")
         for (op, b, dev), why in sorted(fails.items()):
             print(f"  {op} {b} on {dev}: {why}")
-    n_ok = sum(r.status == "ok" for r in rows if r.kind == "backend")
-    n_av = sum(r.status in ("ok", "FAIL") for r in rows if r.kind == "backend")
+    n_ok = sum(r.status == "ok" for r in rows if r.kind == "backend" and r.backend != "auto")
+    n_av = sum(r.status in ("ok", "FAIL") for r in rows if r.kind == "backend" and r.backend != "auto")
     print(f"fastgen check: {'PASS' if ok else 'FAIL'}: {n_ok}/{n_av} available backends right "
           f"({len(ops)} ops, {seconds:.0f} s)")
     if a.json:
-        def clean(o):  # strict JSON: inf / nan as strings
-            if isinstance(o, float) and not math.isfinite(o):
-                return str(o)
-            if isinstance(o, dict):
-                return {str(k): clean(v) for k, v in o.items()}
-            if isinstance(o, (list, tuple)):
-                return [clean(v) for v in o]
-            return o
-
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(clean(dict(ok=ok, seconds=seconds, env=env, quick=a.quick, rows=[asdict(r) for r in rows],
-                                 failures=[dict(op=o, backend=b, device=d, error=w)
-                                           for (o, b, d), w in fails.items()])), f, indent=1, default=str)
+        write_json(a.json, rows, env, quick=a.quick, seconds=seconds, complete=True)
     return 0 if ok else 1
 
 
