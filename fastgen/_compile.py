@@ -28,6 +28,7 @@ if not hasattr(torch.library, "register_vmap"):  # pragma: no cover - torch < 2.
     raise ImportError(f"fastgen needs torch >= 2.4 (torch.library.register_vmap); found torch {torch.__version__}")
 
 from torch._functorch.utils import enable_single_level_autograd_function  # noqa: E402
+from torch.autograd.forward_ad import _set_fwd_grad_enabled  # noqa: E402
 
 LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # (fastgen._C holds the DEF of the C++ kernels)
 
@@ -52,6 +53,14 @@ class OpFunction(torch.autograd.Function):
 
     @classmethod
     def forward(cls, *args):
+        if torch._C._are_functorch_transforms_active():
+            # Function.apply runs forward with grad mode and forward grad off; the op below this
+            # level must still be recorded by the outer torch.func levels (jacrev(grad(f)),
+            # jacfwd(jacrev(f)) = hessian, grad of a function of the output), as
+            # torch._functorch.autograd_function does for Functions: turn both back on.
+            # _AutoDispatchBelowAutograd keeps this level from recording the op twice.
+            with torch.enable_grad(), _set_fwd_grad_enabled(True), torch._C._AutoDispatchBelowAutograd():
+                return cls.op(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return cls.op(*args)
 
