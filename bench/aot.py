@@ -57,8 +57,11 @@ import textwrap
 import time
 import warnings
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton >= 3.9 warns when unset; 1 = its default
+
+def _gpu_mode() -> None:
+    """Kernels must be real JITFunctions (TRITON_INTERPRET unset) when fastgen is imported."""
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton >= 3.9 warns when unset; 1 = its default
 
 ARCHS = (80, 90, 100)
 # Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin, CUDA
@@ -73,11 +76,16 @@ OPS = ("knn", "gaussian_nll", "spread_noise", "spread_log_likelihood")
 # discovery
 # ------------------------------------------------------------------------------------------------
 def _jit_of(obj):
-    """The JITFunction behind obj (itself, or under Autotuner / Heuristics wrappers), else None."""
+    """The JITFunction behind obj (itself, or under Autotuner / Heuristics wrappers), else None
+    (an InterpretedFunction under TRITON_INTERPRET=1 counts for discovery, not for compiling)."""
     from triton.runtime.jit import JITFunction
 
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        InterpretedFunction = JITFunction
     for _ in range(4):
-        if isinstance(obj, JITFunction):
+        if isinstance(obj, (JITFunction, InterpretedFunction)):
             return obj
         obj = getattr(obj, "fn", None)
         if obj is None:
@@ -167,6 +175,7 @@ class Recorder:
         self.backends = {a: make_backend(GPUTarget("cuda", a, 32)) for a in self.archs}
         self.specs: dict[str, Spec] = {}
         self.launched: set[str] = set()
+        self.errors: list[str] = []
         self._binders = {}
 
     def _record(self, jf, args, kwargs):
@@ -360,13 +369,22 @@ MANUAL = [("fastgen.ops.gaussian_nll", "_scale_kernel", _manual_scale_kernel)]
 def record(archs, ops=OPS, dtypes=None, quick=False) -> Recorder:
     import torch
 
+    from triton.runtime.jit import JITFunction
+
+    _gpu_mode()
+    if not all(isinstance(f, JITFunction) for f in discover().values()):
+        raise RuntimeError("bench.aot: fastgen's kernels are interpreted (imported under TRITON_INTERPRET=1): "
+                           "record launches in a fresh process")
     dtypes = dtypes or (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     rec = Recorder(archs)
     torch.manual_seed(0)
     with rec.active(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for op in ops:
-            DRIVES[op](dtypes, quick)
+            try:
+                DRIVES[op](dtypes, quick)
+            except Exception as e:  # a launcher that fails on the way: the exit status says it
+                rec.errors.append(f"drive {op} failed: {type(e).__name__}: {e}".splitlines()[0][:300])
         for mod, name, fn in MANUAL:
             if any(op in mod for op in ops) and hasattr(importlib.import_module(mod), name):
                 fn(dtypes, quick)
@@ -427,7 +445,7 @@ def compile_spec(spec: Spec) -> dict:
 
 
 def _init_worker():
-    os.environ.pop("TRITON_INTERPRET", None)
+    _gpu_mode()
     global _FNS
     _FNS = discover()
 
@@ -496,6 +514,9 @@ def main(argv=None) -> int:
         if o not in DRIVES:
             p.error(f"--only {o}: ops are {list(DRIVES)}")
 
+    if "fastgen" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("bench.aot: fastgen was imported under TRITON_INTERPRET=1; run it in a fresh process")
+    _gpu_mode()
     import triton
 
     t0 = time.perf_counter()
@@ -508,6 +529,9 @@ def main(argv=None) -> int:
     print(f"aot: triton {triton.__version__}, {len(fns)} @triton.jit functions, "
           f"{len(rec.specs)} launch specialisations recorded in {t_rec:.1f} s", flush=True)
     status, out = 0, []
+    for err in rec.errors:
+        print("  " + err)
+        status = 1
     for arch in archs:
         specs = [s for s in rec.specs.values() if s.arch == arch]
         t1 = time.perf_counter()
