@@ -36,6 +36,14 @@ not the compiled code, except through divisibility of those integers).
 Kernels no CPU launch reaches (a launcher branch taken only for CUDA tensors) are launched by
 :data:`MANUAL`, mirroring their launcher; a kernel added to fastgen must be reached by a drive
 or a MANUAL entry, else this script fails (``ok < total``).
+
+Scope. The default drives every op over every dtype and all its cases (knn: Dp 16 to 1024,
+C 4 to 128, batched, both shape classes): about 670 configs per architecture, some 20 minutes
+per architecture on 2 busy cores (Triton compiles a knn tile config in 5-30 s). ``--quick``
+(CI) keeps every autotune config of knn's two fp32 code paths (query tile resident, D loop),
+every constexpr combination of the other kernels in float32, and the other dtypes' code
+paths once: about 220 configs per architecture. Set ``TRITON_CACHE_DIR`` to a fresh folder
+to time a cold compile (Triton's cache otherwise answers repeated runs).
 """
 from __future__ import annotations
 
