@@ -137,8 +137,8 @@ def knn_inputs(device, small):
     n, m, d = (40, 90, 5) if small else (300, 2000, 24)
     out = [("random", _randn(n, d, seed=1, device=device), _randn(m, d, seed=2, device=device), 3)]
     cent = _randn(8, d, seed=3, device=device) + 1000.0
-    ci = torch.arange(n) % 8
-    ck = torch.arange(m) % 8
+    ci = torch.arange(n, device=device) % 8
+    ck = torch.arange(m, device=device) % 8
     q = cent[ci] + 1e-3 * _randn(n, d, seed=4, device=device)
     k = cent[ck] + 1e-3 * _randn(m, d, seed=5, device=device)
     out.append(("offset clusters", q, k, 4))
@@ -532,7 +532,7 @@ def run_check(device: str = "cpu", ops=OPS, quick: bool = False, log=print, on_o
             log(f"  {op:<22} {b:<7} {row.status:<5} max err {row.max_err:.1e} "
                 f"({len(cases)} cases, {time.perf_counter() - t0:.1f} s)")
             if b == "triton" and interp and device == "cpu":
-                row.reason = row.reason or "interpreted (TRITON_INTERPRET=1): not timed"
+                row.reason = "; ".join([row.reason] * bool(row.reason) + ["interpreted (TRITON_INTERPRET=1): not timed"])
                 continue
             if work is None:
                 work = workloads(device, quick)
