@@ -106,24 +106,30 @@ def test_gaussian_nll_check_var_eager():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", backends_for("spread_noise"))
 def test_spread_noise_opcheck_and_custom_op_path(backend):
-    fwd = torch.ops.fastgen.spread_noise_op.default
+    """opcheck of the public op fastgen::spread_noise (the backend as its argument and through
+    use_backend) and of the internal _spread_noise_grad_sigma; the op against the backend's kernel."""
+    fwd = torch.ops.fastgen.spread_noise.default
+    gs_op = torch.ops.fastgen._spread_noise_grad_sigma.default
+    impl = {"torch": sn._TorchImpl, "cpu": sn._CppImpl, "triton": getattr(sn, "_TritonImpl", None)}[backend]
     seed = torch.tensor(987654321, dtype=torch.int64)
     with use_backend(backend, "spread_noise"):
         for kind in (0, 1):
-            for sshape, dt in ((None, F64), ((1, 7), F64), ((5, 1), torch.float32), ((), torch.bfloat16)):
+            for sshape, dt in ((None, F64), ((1, 7), F64), ((5, 1), torch.float32), ((), torch.bfloat16),
+                               ((7,), F64)):
                 x = torch.randn(5, 7, dtype=dt, requires_grad=True)
                 sig = 0.7 if sshape is None else (torch.rand(sshape, dtype=dt) + 0.5).requires_grad_()
                 st, sf = sn._check_sigma(sig, x)
                 sf = 0.0 if sf is None else sf
                 _opcheck(fwd, (x, st, sf, kind, seed))
+                _opcheck(fwd, (x, st, sf, kind, seed, 256, backend))
                 y = fwd(x, st, sf, kind, seed)
-                # the same noise as the backend's eager kernel for this (seed, offset 0)
-                want = sn._IMPLS[backend].forward(x.detach(), None if st is None else st.detach(), sf, kind,
-                                                  int(seed), 0)
+                # the same noise as the backend's kernel for this (seed, offset 0)
+                want = impl.forward(x.detach(), None if st is None else st.detach(), sf, kind, int(seed), 0)
                 assert y.dtype == x.dtype and y.shape == x.shape
                 torch.testing.assert_close(y, want, rtol=0, atol=0)
                 if st is None:
                     continue
+                _opcheck(gs_op, (torch.randn(5, 7, dtype=dt), st.detach(), kind, seed, 0, backend))
                 # backward regenerates the same noise: grad_sigma = sum(eps * w) over sigma's broadcast dims
                 w = torch.randn_like(x)
                 gx, gs = torch.autograd.grad(y, [x, sig], w)
@@ -135,15 +141,31 @@ def test_spread_noise_opcheck_and_custom_op_path(backend):
                 torch.testing.assert_close(gs.double(), exp, rtol=1e-5, atol=1e-3 + 2e-2 * float(scale))
 
 
+def test_spread_noise_backward_uses_the_forward_backend():
+    """The noise differs between backends: a backward run outside the forward's use_backend block
+    regenerates the forward backend's noise (fast fused path and differentiable path alike)."""
+    x = torch.zeros(3, 50)
+    s = torch.tensor(1.0, requires_grad=True)
+    with use_backend("torch", "spread_noise"):
+        y = fastgen.spread_noise(x, s, generator=torch.Generator().manual_seed(4))
+    other = "cpu" if has_ext_kernel("spread_noise") else "triton"
+    with use_backend(other, "spread_noise"):
+        (g2,) = torch.autograd.grad(y, s, y.detach(), create_graph=True, retain_graph=True)  # differentiable
+        (g,) = torch.autograd.grad(y, s, y.detach())  # fused
+    want = (y.detach().double() ** 2).sum().float()  # grad_sigma = sum(eps * eps) with eps = y
+    torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g2, want, rtol=1e-5, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # spread_log_likelihood
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", backends_for("spread_log_likelihood"))
 def test_spread_log_likelihood_opcheck_and_custom_op_path(backend):
-    fwd = torch.ops.fastgen.spread_log_likelihood_op.default
-    bwd = torch.ops.fastgen.spread_log_likelihood_op_backward.default
+    fwd = torch.ops.fastgen.spread_log_likelihood.default
+    bwd = torch.ops.fastgen._spread_log_likelihood_backward.default
     with use_backend(backend, "spread_log_likelihood"):
-        for kind, sd, dt in ((0, 1, F64), (1, 5, F64), (0, 5, torch.float32)):
+        for kind, sd, dt in ((0, 1, F64), (1, 5, F64), (0, 5, torch.float32), (1, 1, torch.float32)):
             y = (torch.randn(7, 5, dtype=dt) + 50).requires_grad_()
             x = (torch.randn(6, 5, dtype=dt) + 50).requires_grad_()
             s = (torch.rand(sd, dtype=dt) + 0.5).requires_grad_()
@@ -154,8 +176,13 @@ def test_spread_log_likelihood_opcheck_and_custom_op_path(backend):
             want = fastgen.spread_log_likelihood(y, x, s, kind=("gaussian", "laplace")[kind])
             torch.testing.assert_close(out, want, rtol=0, atol=0)
             g = torch.randn(7, dtype=dt)
-            for a, b in zip(torch.autograd.grad(out, [y, x, s], g), torch.autograd.grad(want, [y, x, s], g)):
+            fast = torch.autograd.grad(out, [y, x, s], g, retain_graph=True)
+            for a, b in zip(fast, torch.autograd.grad(want, [y, x, s], g)):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
+            # the differentiable backward (create_graph) agrees with the fused one
+            tol = dict(rtol=1e-4, atol=1e-4) if dt == torch.float32 else {}
+            for a, b in zip(torch.autograd.grad(out, [y, x, s], g, create_graph=True), fast):
+                torch.testing.assert_close(a, b, **tol)
 
 
 # ---------------------------------------------------------------------------------------------

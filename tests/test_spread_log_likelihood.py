@@ -160,3 +160,164 @@ def test_gpu_large(kind):
     want = reference(y, x, s.detach(), kind)
     out = fastgen.spread_log_likelihood(y.cuda(), x.cuda(), s.cuda(), kind=kind)
     torch.testing.assert_close(out.double().cpu(), want, rtol=2e-6, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ torch.func
+F64 = torch.float64
+
+
+def _func_inputs(sd, N=5, S=4, D=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(N, D, dtype=F64, generator=g)
+    x = torch.randn(S, D, dtype=F64, generator=g)
+    s = torch.rand(sd, dtype=F64, generator=g) + 0.5
+    return y, x, s
+
+
+def _f(backend, kind):
+    def f(y, x, s):
+        with use_backend(backend, "spread_log_likelihood"):
+            return fastgen.spread_log_likelihood(y, x, s, kind=kind)
+    return f
+
+
+def _ref(kind):
+    return lambda y, x, s: reference(y, x, s, kind)
+
+
+@pytest.mark.parametrize("sd", [1, 3])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_gradgradcheck_all_flags(backend, kind, sd):
+    """First order (reverse, forward, batched both ways) and second order (double backward,
+    forward-over-reverse, batched) w.r.t. y, samples and sigma, float64."""
+    f = _f(backend, kind)
+    inputs = tuple(a.requires_grad_() for a in _func_inputs(sd))
+    fast = backend == "triton" and not torch.cuda.is_available()  # the interpreter: fewer evaluations
+    assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True, check_backward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True, fast_mode=fast)
+    assert torch.autograd.gradgradcheck(f, inputs, check_fwd_over_rev=True, check_batched_grad=True, fast_mode=fast)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_matches_reference(backend, kind):
+    """Hessian-vector products through create_graph=True (not silently zero), data offset by 10."""
+    f = _f(backend, kind)
+    y, x, s = (a + 10 if a.shape[0] != 3 else a for a in _func_inputs(3))
+    vs = [torch.randn_like(a) for a in (y, x, s)]
+    g = torch.randn(y.shape[0], dtype=F64)
+    outs = []
+    for fn in (f, _ref(kind)):
+        leaves = [a.clone().requires_grad_() for a in (y, x, s)]
+        grads = torch.autograd.grad(fn(*leaves), leaves, g, create_graph=True)
+        outs.append(torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, vs)), leaves))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    assert all(a.abs().max() > 0 for a in outs[0])
+
+
+@pytest.mark.parametrize("sd", [1, 3])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jvp_jacobians_hessian_vs_reference(backend, kind, sd):
+    f, r = _f(backend, kind), _ref(kind)
+    y, x, s = _func_inputs(sd)
+    tang = tuple(torch.randn_like(a) for a in (y, x, s))
+    of, jf = torch.func.jvp(f, (y, x, s), tang)
+    orf, jr = torch.func.jvp(r, (y, x, s), tang)
+    torch.testing.assert_close(of, orf)
+    torch.testing.assert_close(jf, jr)
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        for a, b in zip(jac(f, argnums=(0, 1, 2))(y, x, s), jac(r, argnums=(0, 1, 2))(y, x, s)):
+            torch.testing.assert_close(a, b)
+    hf = torch.func.hessian(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(y, x, s)
+    hr = torch.func.hessian(lambda *a: r(*a).sum(), argnums=(0, 1, 2))(y, x, s)
+    for rf, rr in zip(hf, hr):
+        for a, b in zip(rf, rr):
+            torch.testing.assert_close(a, b)
+
+
+def _count_launches(monkeypatch, backend):
+    from fastgen.ops import spread_log_likelihood as sll
+
+    impl = {"torch": sll._TorchImpl, "cpu": sll._CppImpl, "triton": getattr(sll, "_TritonImpl", None)}[backend]
+    calls = []
+    orig = impl.forward
+
+    def counted(*a):
+        calls.append(tuple(a[0].shape))
+        return orig(*a)
+
+    monkeypatch.setattr(impl, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_vs_loop(backend, kind, monkeypatch):
+    f, r = _f(backend, kind), _ref(kind)
+    B = 4
+    g = torch.Generator().manual_seed(3)
+    yb = torch.randn(B, 5, 3, dtype=F64, generator=g)
+    xb = torch.randn(B, 6, 3, dtype=F64, generator=g)
+    sb = torch.rand(B, 3, dtype=F64, generator=g) + 0.5
+    calls = _count_launches(monkeypatch, backend)
+    # only y batched (batch dim not first): folded into N, one launch
+    out = torch.func.vmap(f, in_dims=(1, None, None))(yb.movedim(0, 1), xb[0], sb[0])
+    assert calls == [(B * 5, 3)]
+    torch.testing.assert_close(out, torch.stack([r(yb[i], xb[0], sb[0]) for i in range(B)]))
+    # samples and / or sigma batched: one launch per element
+    for dims, args in (((0, 0, 0), (yb, xb, sb)), ((None, 0, None), (yb[0], xb, sb[0])),
+                       ((0, None, 0), (yb, xb[0], sb)), ((None, None, 0), (yb[0], xb[0], sb))):
+        calls.clear()
+        out = torch.func.vmap(f, in_dims=dims)(*args)
+        assert len(calls) == B
+        loop = [r(*[a if d is None else a[i] for a, d in zip(args, dims)]) for i in range(B)]
+        torch.testing.assert_close(out, torch.stack(loop))
+    # a float sigma, nested vmap
+    out = torch.func.vmap(torch.func.vmap(lambda y, x: f(y, x, 0.8), in_dims=(0, None)), in_dims=(None, 0))(yb, xb)
+    torch.testing.assert_close(out, torch.stack([torch.stack([r(yb[j], xb[i], 0.8) for j in range(B)])
+                                                 for i in range(B)]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_gradients(backend, kind):
+    """vmap(grad(f)): per-example gradients w.r.t. the shared samples and sigma (and the example
+    itself) for a batch of examples, against a Python loop over the reference."""
+    f, r = _f(backend, kind), _ref(kind)
+    B = 5
+    g = torch.Generator().manual_seed(4)
+    yb = torch.randn(B, 2, 3, dtype=F64, generator=g)  # per example: 2 points
+    x = torch.randn(6, 3, dtype=F64, generator=g)
+    s = torch.rand(3, dtype=F64, generator=g) + 0.5
+
+    def loss(fn):
+        return lambda y, x, s: -fn(y, x, s).mean()
+
+    got = torch.func.vmap(torch.func.grad(loss(f), argnums=(0, 1, 2)), in_dims=(0, None, None))(yb, x, s)
+    for i in range(B):
+        leaves = [yb[i].clone().requires_grad_(), x.clone().requires_grad_(), s.clone().requires_grad_()]
+        want = torch.autograd.grad(loss(r)(*leaves), leaves)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a[i], b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_with_backward(backend):
+    torch._dynamo.reset()
+
+    def f(y, x, s):
+        return fastgen.spread_log_likelihood(y, x, s, kind="laplace").sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y, x, s = (a.float().requires_grad_() for a in _func_inputs(3, N=7, S=6, D=3))
+    with use_backend(backend, "spread_log_likelihood"):
+        got = cf(y, x, s)
+        gg = torch.autograd.grad(got, [y, x, s])
+        want = f(y, x, s)
+        gw = torch.autograd.grad(want, [y, x, s])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b)

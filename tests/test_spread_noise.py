@@ -289,3 +289,213 @@ def test_gpu_matches_cpu_and_large():
             y = fastgen.spread_noise(xx, s, generator=torch.Generator().manual_seed(0))
         y.float().sum().backward()
         assert y.dtype == dt and s.grad.shape == s.shape and torch.isfinite(s.grad).all()
+
+
+# ------------------------------------------------------------------------------ torch.func
+# float64, small shapes. A fresh generator with a fixed seed inside the function under test: every
+# call (gradcheck's perturbed evaluations included) draws the same noise.
+F64 = torch.float64
+FUNC_SIGMAS = [(), (4,), (3, 1)]  # scalar tensor, per-dimension, per-row
+
+
+def _fixed(backend, kind, seed=3):
+    def f(x, s):
+        with use_backend(backend, "spread_noise"):
+            return fastgen.spread_noise(x, s, kind=kind, generator=torch.Generator().manual_seed(seed))
+    return f
+
+
+def _func_inputs(ss):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, dtype=F64, generator=g)
+    s = torch.rand(ss, dtype=F64, generator=g) + 0.5
+    return x, s
+
+
+def _func_backends():
+    # the interpreter runs every launch in Python: Triton on one sigma shape only (below)
+    return ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not has_ext_kernel("spread_noise"),
+                                                                    reason="fastgen._C not built"))]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ss", FUNC_SIGMAS)
+@pytest.mark.parametrize("backend", _func_backends())
+def test_gradcheck_gradgradcheck(backend, ss, kind):
+    f = _fixed(backend, kind)
+    x, s = (a.requires_grad_() for a in _func_inputs(ss))
+    assert torch.autograd.gradcheck(f, (x, s), check_forward_ad=True, check_backward_ad=True,
+                                    check_batched_grad=True, check_batched_forward_grad=True)
+    # the backward is linear in grad_y; through a nonlinear loss the second derivative is not zero
+    assert torch.autograd.gradgradcheck(f, (x, s), check_fwd_over_rev=True, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, s: f(x, s).sin(), (x, s), check_fwd_over_rev=True,
+                                        check_batched_grad=True)
+
+
+@pytest.mark.skipif(not has_triton(), reason="triton not installed")
+def test_gradcheck_triton():
+    # the interpreter runs every launch in Python: one small case, first order (the second-order
+    # formulas are the backend-independent torch ops exercised above)
+    f = _fixed("triton", "laplace")
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    s = (torch.rand(3, dtype=F64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(f, (x, s), check_forward_ad=True, check_backward_ad=True,
+                                    check_batched_grad=True, check_batched_forward_grad=True, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_not_zero(backend):
+    # L = sum(y^2), y = x + s eps: d2L/ds2 = 2 sum(eps^2), d2L/dx ds = 2 eps (summed over rows)
+    f = _fixed(backend, "laplace")
+    x, s = _func_inputs((4,))
+    x.requires_grad_(), s.requires_grad_()
+    eps = (f(x, s) - x).detach() / s.detach()
+    (gs,) = torch.autograd.grad((f(x, s) ** 2).sum(), s, create_graph=True)
+    hss, hsx = torch.autograd.grad(gs.sum(), [s, x])
+    torch.testing.assert_close(hss, 2 * (eps * eps).sum(0))
+    torch.testing.assert_close(hsx, 2 * eps)
+    assert hss.abs().min() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jvp_jacobians_hessian_vs_reference(backend, kind):
+    f = _fixed(backend, kind)
+    x, s = _func_inputs((4,))
+    eps = ((f(x, s) - x) / s).detach()  # the backend's noise for this seed
+
+    def ref(x, s):
+        return spread_noise_reference(x, s, eps)
+
+    tx, ts = torch.randn_like(x), torch.randn_like(s)
+    yf, jf = torch.func.jvp(f, (x, s), (tx, ts))
+    yr, jr = torch.func.jvp(ref, (x, s), (tx, ts))
+    torch.testing.assert_close(yf, yr)
+    torch.testing.assert_close(jf, jr)
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        for a, b in zip(jac(f, argnums=(0, 1))(x, s), jac(ref, argnums=(0, 1))(x, s)):
+            torch.testing.assert_close(a, b)
+
+    def loss(fn):
+        return lambda x, s: (fn(x, s).sin() * torch.arange(12.0, dtype=F64).reshape(3, 4)).sum()
+
+    hf = torch.func.hessian(loss(f), argnums=(0, 1))(x, s)
+    hr = torch.func.hessian(loss(ref), argnums=(0, 1))(x, s)
+    for rf, rr in zip(hf, hr):
+        for a, b in zip(rf, rr):
+            torch.testing.assert_close(a, b)
+
+
+def _count_launches(monkeypatch, backend):
+    from fastgen.ops import spread_noise as sn
+
+    impl = {"torch": sn._TorchImpl, "cpu": sn._CppImpl, "triton": getattr(sn, "_TritonImpl", None)}[backend]
+    calls = []
+    orig = impl.forward
+
+    def counted(*a):
+        calls.append(a[0].shape)
+        return orig(*a)
+
+    monkeypatch.setattr(impl, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_randomness(backend, kind, monkeypatch):
+    f = _fixed(backend, kind)
+    B = 5
+    g = torch.Generator().manual_seed(2)
+    xb = torch.randn(B, 3, 4, dtype=F64, generator=g)
+    sb = torch.rand(B, 4, dtype=F64, generator=g) + 0.5
+    s = sb[0]
+    # "error" (vmap's default): torch's own error for a random op under vmap
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        torch.func.vmap(f, in_dims=(0, None))(xb, s)
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(f, in_dims=(0, None), randomness="error")(xb, s)
+    calls = _count_launches(monkeypatch, backend)
+    # "different": independent noise per element, one launch on the batched tensor: element b holds
+    # the noise of a single call on the [B, 3, 4] batch (x + sigma * eps with that eps)
+    yd = torch.func.vmap(f, in_dims=(0, None), randomness="different")(xb, s)
+    assert calls == [(B, 3, 4)]
+    ed = (yd - xb) / s
+    torch.testing.assert_close(yd, f(xb, s))
+    assert all(not torch.allclose(ed[i], ed[j]) for i in range(B) for j in range(i))
+    # "same": one draw shared by the batch (one launch of one element's shape), equal to a loop
+    calls.clear()
+    ys = torch.func.vmap(f, in_dims=(0, None), randomness="same")(xb, s)
+    assert calls == [(3, 4)]
+    es = (ys - xb) / s
+    assert all(torch.allclose(es[0], es[i]) for i in range(B))
+    torch.testing.assert_close(ys, torch.stack([f(xb[i], s) for i in range(B)]))
+    # batched sigma (x batched or not), batch dim not first
+    xt = xb.movedim(0, 2)  # [3, 4, B]
+    for r in ("same", "different"):
+        y1 = torch.func.vmap(f, in_dims=(2, 0), randomness=r)(xt, sb)
+        y2 = torch.func.vmap(f, in_dims=(None, 0), randomness=r)(xb[0], sb)
+        e1, e2 = (y1 - xb) / sb[:, None, :], (y2 - xb[0]) / sb[:, None, :]
+        if r == "same":
+            torch.testing.assert_close(y1, torch.stack([f(xb[i], sb[i]) for i in range(B)]))
+            torch.testing.assert_close(e2, e1)
+        else:
+            torch.testing.assert_close(e1, ed)  # the same batched stream, whichever input is batched
+            torch.testing.assert_close(e2, ed)
+    # float sigma
+    yf = torch.func.vmap(lambda x: f(x, 0.5), randomness="different")(xb)
+    torch.testing.assert_close((yf - xb) / 0.5, ed)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_gradients(backend, kind):
+    """vmap(grad(f)): per-example gradients w.r.t. x and a shared sigma, against a Python loop
+    (the backward regenerates each element's noise as the forward drew it)."""
+    f = _fixed(backend, kind)
+    B = 4
+    g = torch.Generator().manual_seed(5)
+    xb = torch.randn(B, 3, 4, dtype=F64, generator=g)
+    t = torch.randn(B, 3, 4, dtype=F64, generator=g)
+    s = torch.rand(4, dtype=F64, generator=g) + 0.5
+
+    def loss(x, s, t):
+        return ((f(x, s) - t) ** 2).sum()
+
+    for r in ("same", "different"):
+        gx, gs = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, None, 0), randomness=r)(xb, s, t)
+        eps = (torch.func.vmap(f, in_dims=(0, None), randomness=r)(xb, s) - xb) / s
+        for i in range(B):
+            xi, si = xb[i].clone().requires_grad_(), s.clone().requires_grad_()
+            li = ((spread_noise_reference(xi, si, eps[i]) - t[i]) ** 2).sum()
+            wx, ws = torch.autograd.grad(li, [xi, si])
+            torch.testing.assert_close(gx[i], wx)
+            torch.testing.assert_close(gs[i], ws)
+        if r == "same":  # the loop that calls the op itself with the same generator state
+            for i in range(B):
+                xi, si = xb[i].clone().requires_grad_(), s.clone().requires_grad_()
+                wx, ws = torch.autograd.grad(loss(xi, si, t[i]), [xi, si])
+                # (the eager loop runs the fused grad_sigma: float32 sums on triton)
+                torch.testing.assert_close(gs[i], ws, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_with_backward(backend):
+    """torch.compile(fullgraph=True): forward and backward through fastgen::spread_noise (Laplace,
+    per-dimension sigma); the backward regenerates the graph's noise (grad_sigma = sum(eps * w))."""
+    torch._dynamo.reset()
+
+    def f(x, s):
+        return fastgen.spread_noise(x, s, kind="laplace")
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 5, requires_grad=True)
+    s = (torch.rand(5) + 0.5).requires_grad_()
+    w = torch.randn(6, 5)
+    with use_backend(backend, "spread_noise"):
+        y = cf(x, s)
+        gx, gs = torch.autograd.grad(y, [x, s], w)
+    eps = (y.detach() - x.detach()) / s.detach()
+    assert torch.isfinite(eps).all() and eps.std() > 0.5
+    assert torch.equal(gx, w)
+    torch.testing.assert_close(gs, (eps * w).sum(0), rtol=1e-4, atol=1e-4)

@@ -18,12 +18,13 @@ interpreter), ``"torch"`` (chunked direct differences with a hand-written chunke
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from .. import _backend, _compile
-from .._dispatch import register, select
+from .. import _backend, _compile, _dispatch
+from .._dispatch import register
 from .._validate import FLOAT_DTYPES, check_kind, check_same_device, check_tensor
 
 try:  # Triton is optional
@@ -59,20 +60,9 @@ def _sigma_grad(G, tsum: torch.Tensor, s: torch.Tensor, D: int, kind: int) -> to
     return -G / s + (tsum / s**3 if kind == 0 else tsum / s**2)
 
 
-class _SLLFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, samples, s, kind, impl):
-        out = impl.forward(y, samples, s, kind)
-        ctx.save_for_backward(y, samples, s, out)
-        ctx.kind, ctx.impl = kind, impl
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        y, samples, s, out = ctx.saved_tensors
-        ny, nx, ns = ctx.needs_input_grad[:3]
-        gy, gx, gs = ctx.impl.backward(g.contiguous(), y, samples, s, out, ctx.kind, ny, nx, ns)
-        return (gy if ny else None), (gx if nx else None), (gs if ns else None), None, None
+def _call(impl, method: str, *args):
+    """A backend as registered with fastgen._dispatch: ``fn("forward" | "backward", *args)``."""
+    return getattr(impl, method)(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +126,7 @@ class _TorchImpl:
         return gy, gx, gs
 
 
-@register("spread_log_likelihood", "torch")
-def _sll_torch(y, samples, s, kind):
-    return _SLLFn.apply(y, samples, s, kind, _TorchImpl)
+register("spread_log_likelihood", "torch")(functools.partial(_call, _TorchImpl))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,9 +154,7 @@ class _CppImpl:
         return (gy if ny else None), (gx if nx else None), (gs if ns else None)
 
 
-@register("spread_log_likelihood", "cpu")
-def _sll_cpu(y, samples, s, kind):
-    return _SLLFn.apply(y, samples, s, kind, _CppImpl)
+register("spread_log_likelihood", "cpu")(functools.partial(_call, _CppImpl))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,9 +350,7 @@ class _TritonImpl:
         return gy, gx, gs
 
 
-@register("spread_log_likelihood", "triton")
-def _sll_triton(y, samples, s, kind):
-    return _SLLFn.apply(y, samples, s, kind, _TritonImpl)
+register("spread_log_likelihood", "triton")(functools.partial(_call, _TritonImpl))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,72 +386,183 @@ def _check_sigma(sigma, D: int, device, dtype, check_values: bool = True) -> tor
 
 
 def _check_sigma_values(s: torch.Tensor) -> None:
-    sd = s.detach()
-    # one reduction over sigma (1 or D values); on CUDA one bool is read back to the host
-    if not bool(((sd > 0) & (sd < math.inf)).all()):
+    # one reduction over sigma (1 or D values); on CUDA it is read back to the host
+    lo, hi = torch.aminmax(s.detach())  # (NaN propagates: both comparisons fail)
+    if not (float(lo) > 0 and float(hi) < math.inf):
         raise ValueError("sigma must be finite and > 0 everywhere")
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops: what torch.compile sees (fake kernels, registered autograd; fastgen/_compile.py)
+# differentiable plain-torch backward and jvp (create_graph, torch.func): chunked over y rows
 # ---------------------------------------------------------------------------------------------
-_IMPLS = {"torch": _TorchImpl, "cpu": _CppImpl}
-if HAS_TRITON:
-    _IMPLS["triton"] = _TritonImpl
+_DIFF_CHUNK = 1 << 22  # elements of one [rows, S, D] block of pairwise differences
 
 
-def _impl_for(y: torch.Tensor, samples: torch.Tensor):
-    """The backend fastgen._dispatch selects now (use_backend / FASTGEN_BACKEND honoured)."""
-    name, _ = select("spread_log_likelihood", "auto", y.device.type, N=y.shape[0], S=samples.shape[0], D=y.shape[1])
-    return _IMPLS[name]
+def _diff_blocks(y, x, s, kind):
+    """Yields (rows, d, w, p) per block of y rows: d = y_n - x_s [nb, S, D], w = f'(d) / 2 for
+    f = d^2 (d itself) or f = |d| (sign d), p = softmax_s of the log-kernel [nb, S]. Plain torch
+    ops: differentiable (any order) and batchable."""
+    N, D = y.shape
+    S = x.shape[0]
+    nb = max(1, _DIFF_CHUNK // max(1, S * D))
+    for i in range(0, N, nb):
+        d = y[i:i + nb, None, :] - x[None, :, :]
+        if kind == 0:
+            z = d / s
+            a = -0.5 * (z * z).sum(-1)
+            w = d
+        else:
+            a = -(d.abs() / s).sum(-1)
+            w = torch.sign(d)
+        yield slice(i, i + nb), d, w, torch.softmax(a, 1)
 
 
-@_compile.op("spread_log_likelihood_op", "(Tensor y, Tensor samples, Tensor s, int kind) -> Tensor")
-def _op_forward(y: torch.Tensor, samples: torch.Tensor, s: torch.Tensor, kind: int) -> torch.Tensor:
-    """y [N, D], samples [S, D], s [1] or [D]: one dtype (float32 / float64), contiguous -> [N].
-    A tensor sigma is checked here on CPU (no sync there); on GPU a sigma <= 0 gives NaN."""
+def _vjp_torch(g, y, x, s, kind, ny, nx, ns):
+    """(grad_y, grad_samples, grad_sigma) of sum_n g_n out_n in differentiable torch ops (None
+    where not needed). Memory: O(nb S D) temporaries per block (nb S D <= 2^22); when the result
+    is differentiated again (create_graph, torch.func) autograd keeps every block's d, w, p:
+    O(N S D) in all."""
+    D = y.shape[1]
+    inv = 1.0 / (s * s) if kind == 0 else 1.0 / s
+    gys, gx, tsum = [], None, None
+    for rows, d, w, p in _diff_blocks(y, x, s, kind):
+        u = (g[rows, None] * p)[..., None] * w  # t_ns f'(d_nsj)
+        if ny:
+            gys.append(-u.sum(1))
+        if nx:
+            gx = u.sum(0) if gx is None else gx + u.sum(0)
+        if ns:
+            ts = (u * d).sum((0, 1))
+            tsum = ts if tsum is None else tsum + ts
+    gy = torch.cat(gys) * inv if ny else None
+    gx = gx * inv if nx else None
+    gs = _sigma_grad(g.sum(), tsum, s, D, kind) if ns else None
+    return gy, gx, gs
+
+
+def _jvp_torch(y, x, s, kind, dy, dx, ds):
+    """Tangent of out [N] for tangents (dy, dx, ds) (None: zero), in differentiable torch ops:
+    dout_n = sum_s p_ns (sum_j c_j w_nsj (dx_sj - dy_nj)) + sum_j (-1/s_j + c'_j E_p[f(d_nj)]) ds_j
+    with c = 1/s^2, c' = 1/s^3 (Gaussian) or c = 1/s, c' = 1/s^2 (Laplace)."""
+    D = y.shape[1]
+    inv = 1.0 / (s * s) if kind == 0 else 1.0 / s
+    outs = []
+    for rows, d, w, p in _diff_blocks(y, x, s, kind):
+        acc = None
+        if dy is not None or dx is not None:
+            # sum_j c_j w_nsj (dx_sj - dy_nj): [nb, S]
+            t = 0
+            if dx is not None:
+                t = t + (w * (inv * dx)[None]).sum(-1)
+            if dy is not None:
+                t = t - (w * (inv * dy[rows])[:, None, :]).sum(-1)
+            acc = (p * t).sum(1)
+        if ds is not None:
+            f = d * d if kind == 0 else d.abs()
+            ef = (p[..., None] * f).sum(1)  # [nb, D]
+            c2 = inv / s
+            if s.numel() == 1:
+                term = (-D / s + ef.sum(-1, keepdim=True) * c2) * ds  # [nb, 1]
+            else:
+                term = (-1.0 / s + ef * c2) * ds  # [nb, D]
+            acc = term.sum(-1) if acc is None else acc + term.sum(-1)
+        outs.append(acc)
+    return torch.cat(outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the op: fastgen::spread_log_likelihood (impl, fake, autograd with jvp, vmap rule) and the
+# internal fastgen::_spread_log_likelihood_backward (the fused backward of the fast path)
+# ---------------------------------------------------------------------------------------------
+def _sll_impl(y, samples, sigma, kind):
+    """y [N, D], samples [S, D], sigma [1] or [D], one float dtype -> [N]. A tensor sigma is
+    value-checked here on CPU (no sync there); on GPU a sigma <= 0 gives NaN."""
+    if y.dim() != 2 or samples.dim() != 2 or samples.shape[1] != y.shape[1]:
+        raise ValueError(f"spread_log_likelihood: y [N, D] and samples [S, D] expected, got shapes "
+                         f"{tuple(y.shape)} and {tuple(samples.shape)}")
+    if sigma.dim() != 1 or sigma.shape[0] not in (1, y.shape[1]):
+        raise ValueError(f"spread_log_likelihood: sigma must have shape [1] or [D] = [{y.shape[1]}], "
+                         f"got {tuple(sigma.shape)}")
     if y.device.type == "cpu":
-        _check_sigma_values(s)
-    return _impl_for(y, samples).forward(y, samples, s, kind)
+        _check_sigma_values(sigma)
+    N, D = y.shape
+    return _dispatch.run("spread_log_likelihood",
+                         ("forward", y.contiguous(), samples.contiguous(), sigma.contiguous(), kind),
+                         device_type=y.device.type, N=N, S=samples.shape[0], D=D)
 
 
-@_op_forward.register_fake
-def _(y, samples, s, kind):
+def _sll_fake(y, samples, sigma, kind):
     return y.new_empty(y.shape[:1])
 
 
-@_compile.op("spread_log_likelihood_op_backward",
-             "(Tensor g, Tensor y, Tensor samples, Tensor s, Tensor out, int kind, bool ny, bool nx, "
+@_compile.op("_spread_log_likelihood_backward",
+             "(Tensor g, Tensor y, Tensor samples, Tensor sigma, Tensor out, int kind, bool ny, bool nx, "
              "bool ns) -> (Tensor, Tensor, Tensor)")
-def _op_backward(g: torch.Tensor, y: torch.Tensor, samples: torch.Tensor, s: torch.Tensor, out: torch.Tensor,
+def _backward_op(g: torch.Tensor, y: torch.Tensor, samples: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor,
                  kind: int, ny: bool, nx: bool, ns: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_y, grad_samples, grad_sigma); 0-element tensors where not requested."""
-    gy, gx, gs = _impl_for(y, samples).backward(g.contiguous(), y, samples, s, out, kind, ny, nx, ns)
+    """(grad_y, grad_samples, grad_sigma) by the fused backward of the selected backend; 0-element
+    tensors where not requested. Not differentiable: used when fastgen._compile.fast_backward()."""
+    N, D = y.shape
+    gy, gx, gs = _dispatch.run("spread_log_likelihood",
+                               ("backward", g.contiguous(), y.contiguous(), samples.contiguous(), sigma.contiguous(),
+                                out, kind, ny, nx, ns),
+                               device_type=y.device.type, N=N, S=samples.shape[0], D=D)
     # contiguous: the fake kernel cannot know a backend's layout (triton's grad_y is a transpose)
     return tuple(t.contiguous() if need else _compile.fresh_empty(like)
-                 for t, need, like in ((gy, ny, y), (gx, nx, samples), (gs, ns, s)))
+                 for t, need, like in ((gy, ny, y), (gx, nx, samples), (gs, ns, sigma)))
 
 
-@_op_backward.register_fake
-def _(g, y, samples, s, out, kind, ny, nx, ns):
-    return tuple(like.new_empty(like.shape if need else (0,)) for need, like in ((ny, y), (nx, samples), (ns, s)))
+@_backward_op.register_fake
+def _(g, y, samples, sigma, out, kind, ny, nx, ns):
+    return tuple(like.new_empty(like.shape if need else (0,)) for need, like in ((ny, y), (nx, samples), (ns, sigma)))
 
 
-def _op_setup_context(ctx, inputs, output):
-    y, samples, s, kind = inputs
-    ctx.kind = kind
-    ctx.save_for_backward(y, samples, s, output)
+class _SpreadLogLikelihood(_compile.OpFunction):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, samples, sigma, kind = inputs
+        ctx.kind = kind
+        ctx.save_for_backward(y, samples, sigma, output)
+        ctx.save_for_forward(y, samples, sigma)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, samples, sigma, out = ctx.saved_tensors
+        ny, nx, ns = ctx.needs_input_grad[:3]
+        if _compile.fast_backward():  # fused, flash-style: recomputes the pairwise tiles
+            gy, gx, gs = _backward_op(g, y, samples, sigma, out, ctx.kind, ny, nx, ns)
+        else:  # differentiable: double backward, forward-over-reverse, vmap over the backward
+            gy, gx, gs = _vjp_torch(g.to(y.dtype), y, samples, sigma, ctx.kind, ny, nx, ns)
+        return (gy if ny else None), (gx if nx else None), (gs if ns else None), None
+
+    @staticmethod
+    def jvp(ctx, dy, dx, ds, _):
+        y, samples, sigma = ctx.saved_tensors
+        if dy is None and dx is None and ds is None:
+            return torch.zeros(y.shape[:1], dtype=y.dtype, device=y.device)
+        return _jvp_torch(y, samples, sigma, ctx.kind, dy, dx, ds)
 
 
-def _op_autograd(ctx, g):
-    y, samples, s, out = ctx.saved_tensors
-    ny, nx, ns = ctx.needs_input_grad[:3]
-    gy, gx, gs = _op_backward(g, y, samples, s, out, ctx.kind, ny, nx, ns)
-    return (gy if ny else None), (gx if nx else None), (gs if ns else None), None
+def _vmap_rule(info, in_dims, y, samples, sigma, kind):
+    """torch.func.vmap over spread_log_likelihood. Only y batched (the common case: per-example
+    data, shared samples and sigma): the batch folds into N, one launch. Otherwise (samples or
+    sigma batched): one launch per batch element (a Python loop over the batch)."""
+    yd, xd, sd = in_dims[:3]
+    B = info.batch_size
+    if xd is None and sd is None:
+        yb = y.movedim(yd, 0)
+        out = _sll_op(yb.reshape(-1, yb.shape[-1]), samples, sigma, kind)
+        return out.reshape(B, yb.shape[1]), 0
+    yb = _compile.move_bdim(y, yd, B)
+    xb = _compile.move_bdim(samples, xd, B)
+    sb = _compile.move_bdim(sigma, sd, B)
+    return torch.stack([_sll_op(yb[b], xb[b], sb[b], kind) for b in range(B)]), 0
 
 
-_op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
-
+_sll_op = _compile.define("spread_log_likelihood",
+                                           "(Tensor y, Tensor samples, Tensor sigma, int kind) -> Tensor",
+                                           _sll_impl, fake=_sll_fake, autograd=_SpreadLogLikelihood,
+                                           vmap=_vmap_rule)
 
 def spread_log_likelihood(y: torch.Tensor, samples: torch.Tensor, sigma, *, kind: str = "gaussian") -> torch.Tensor:
     """Monte-Carlo log-density of the spread model at y, fused:
@@ -492,12 +587,20 @@ def spread_log_likelihood(y: torch.Tensor, samples: torch.Tensor, sigma, *, kind
     holds [N_chunk, S]. Backend: ``"cpu"`` on CPU when fastgen._C is built, ``"triton"`` on
     CUDA, else ``"torch"``.
 
-    PyTorch integration: under ``torch.compile`` the call is the custom op
-    ``torch.ops.fastgen.spread_log_likelihood_op`` (fake kernel, registered autograd, backend
-    chosen when it runs): ``fullgraph=True`` works. There a tensor sigma is value-checked
-    inside the op on CPU (no sync); on GPU the check is skipped (no host sync) and sigma <= 0
-    gives NaN. Autocast does not recast: float16 / bfloat16 inputs are computed in float32.
-    Deterministic: fixed-order reductions on every backend (no float atomics).
+    PyTorch integration: eager and compiled calls are the one custom op
+    ``torch.ops.fastgen.spread_log_likelihood`` (fake kernel, backend chosen when it runs;
+    ``torch.compile(fullgraph=True)`` works). Autograd: the fused backward kernel of the backend
+    when the backward need not be differentiable; under ``create_graph=True`` or torch.func a
+    differentiable plain-torch backward (direct differences in blocks of rows, O(N_block S D)
+    temporaries; differentiating it again keeps O(N S D)): double backward and hessian w.r.t. y,
+    samples and sigma. Forward-mode AD (``torch.func.jvp``, jacfwd) by the same blockwise
+    formula. ``torch.func.vmap``: a batch of y alone folds into N (one launch); batched samples or
+    sigma run one launch per batch element. Per-sample gradients: ``vmap(grad(f))``.
+    A tensor sigma is value-checked inside the op on CPU (no sync); on GPU it is checked in eager
+    calls outside torch.func (a host read), and not under torch.compile / torch.func (no host
+    sync), where sigma <= 0 gives NaN. Autocast does not recast: float16 / bfloat16 inputs are
+    computed in float32. Deterministic: fixed-order reductions on every backend (no float
+    atomics).
 
     Raises:
         TypeError: non-tensor or non-float y / samples / sigma.
@@ -512,11 +615,8 @@ def spread_log_likelihood(y: torch.Tensor, samples: torch.Tensor, sigma, *, kind
     if samples.shape[1] != D:
         raise ValueError(f"samples must have D = {D} columns like y, got shape {tuple(samples.shape)}")
     dtype = torch.float64 if torch.float64 in (y.dtype, samples.dtype) else torch.float32
-    compiling = _compile.is_compiling()
-    s = _check_sigma(sigma, D, y.device, dtype, check_values=not compiling)
-    yc = y.to(dtype).contiguous()
-    xc = samples.to(dtype).contiguous()
-    if compiling:  # one opaque custom op: no graph break, the backend chosen when it runs
-        return _op_forward(yc, xc, s, _KIND_ID[kind])
-    _, fn = select("spread_log_likelihood", "auto", y.device.type, N=N, S=samples.shape[0], D=D)
-    return fn(yc, xc, s, _KIND_ID[kind])
+    # a tensor sigma is value-checked inside the op on CPU; on GPU here (a host read), except
+    # under torch.compile / torch.func
+    check = y.device.type != "cpu" and not _compile.is_compiling() and not torch._C._are_functorch_transforms_active()
+    s = _check_sigma(sigma, D, y.device, dtype, check_values=check)
+    return _sll_op(y.to(dtype), samples.to(dtype), s, _KIND_ID[kind])

@@ -27,13 +27,16 @@ from the low 31 bits m.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
-from .. import _backend, _compile
-from .._dispatch import register, select
+from .. import _backend, _compile, _dispatch
+from .._dispatch import register
 from .._validate import FLOAT_DTYPES, check_kind, check_tensor
 
 try:  # Triton is optional: fastgen imports without it
@@ -61,31 +64,64 @@ def _counters_used(numel: int) -> int:
     return (n + 3) // 4 * 4
 
 
-def _draw_seed(generator, device: torch.device, numel: int) -> tuple[int, int]:
-    """(seed, offset) for one call. Never synchronises with a GPU.
+def _draw_seed(generator, numel: int) -> tuple[torch.Tensor, int]:
+    """(seed, offset) for one call: seed a CPU int64 0-d tensor (masked to 63 bits where it is
+    used, :func:`_seed_of`), offset an int. Never synchronises with a GPU.
 
-    * ``generator=None``: one 63-bit integer from the default CPU generator (``torch.manual_seed``
+    * ``generator=None``: one 64-bit integer from the default CPU generator (``torch.manual_seed``
       seeds it), also for CUDA tensors: drawing on the CPU costs a few microseconds and needs
       no device-to-host copy. offset = 0.
     * a CPU ``torch.Generator``: the same, from it.
     * a CUDA ``torch.Generator``: seed = its initial seed, offset = its Philox offset, which is
-      then advanced past the counters this call uses (the way torch's own CUDA kernels consume it).
+      then advanced past the ``numel`` elements' counters (the way torch's own CUDA kernels
+      consume it).
+
+    The draw bypasses torch.func and the legacy vmap of gradcheck (every dispatch mode key: see
+    :func:`_plain_dispatch`): under vmap the op's vmap rule applies the ``randomness`` mode to
+    the whole call, not torch's rule for this one-integer draw.
     """
     if generator is None:
         generator = torch.default_generator
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator.device.type == "cuda" and hasattr(generator, "get_offset"):
-        seed = generator.initial_seed() & _SEED_MASK
         offset = generator.get_offset()
         generator.set_offset(offset + _counters_used(numel))
-        return seed, offset
-    if generator.device.type == "cpu":
-        seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
-        return seed & _SEED_MASK, 0
-    # other generator devices: draw on that device (may synchronise)
-    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-    return seed, 0
+        return torch.tensor(generator.initial_seed() & _SEED_MASK, dtype=torch.int64), offset
+    with _plain_dispatch():
+        if generator.device.type == "cpu":
+            return torch.empty((), dtype=torch.int64).random_(generator=generator), 0
+        # other generator devices: draw on that device (may synchronise)
+        return torch.randint(0, 2**62, (), generator=generator, device=generator.device).cpu(), 0
+
+
+_DK = torch._C.DispatchKey
+_PLAIN_KEYS = torch._C.DispatchKeySet(_DK.BackendSelect) | torch._C.DispatchKeySet(_DK.ADInplaceOrView)
+
+
+def _plain_dispatch():
+    """A context without the thread's mode dispatch keys (functorch's dynamic layers, the legacy
+    vmap mode that gradcheck's batched forward-AD check uses): ops inside run as plain ops."""
+    extra = torch._C._dispatch_tls_local_include_set() - _PLAIN_KEYS
+    if extra.raw_repr() == 0:
+        return contextlib.nullcontext()
+    return torch._C._ExcludeDispatchKeyGuard(extra)
+
+
+def _physical_numel(x: torch.Tensor, sigma) -> int:
+    """Elements of the noise one call draws, also under vmap (where x.numel() is one example's):
+    an upper bound from the unwrapped (physical) x and sigma, for the CUDA generator's offset."""
+    f = torch._C._functorch
+
+    def unwrap(t):
+        while f.is_functorch_wrapped_tensor(t):
+            t = f.get_unwrapped(t)
+        return t
+
+    n = unwrap(x).numel()
+    if isinstance(sigma, torch.Tensor) and sigma.numel() > 0:
+        n *= max(1, unwrap(sigma).numel() // sigma.numel())
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,28 +153,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# ---------------------------------------------------------------------------------------------
-# autograd: one Function, the backend supplies forward(x, sigma) and grad_sigma(grad_y, sigma)
-# ---------------------------------------------------------------------------------------------
-class _SpreadNoiseFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, sigma_t, sigma_f, kind, seed, offset, impl):
-        # sigma_t: tensor view with x.dim() dims (or None); sigma_f: float used when sigma_t is None
-        ctx.impl, ctx.kind, ctx.seed, ctx.offset = impl, kind, seed, offset
-        ctx.has_sigma = sigma_t is not None
-        if sigma_t is not None:
-            ctx.save_for_backward(sigma_t)
-        return impl.forward(x, sigma_t, sigma_f, kind, seed, offset)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        gx = grad_y if ctx.needs_input_grad[0] else None
-        gs = None
-        if ctx.has_sigma and ctx.needs_input_grad[1]:
-            (sigma_t,) = ctx.saved_tensors
-            g = ctx.impl.grad_sigma(grad_y.contiguous(), sigma_t, ctx.kind, ctx.seed, ctx.offset)
-            gs = g.reshape(sigma_t.shape).to(sigma_t.dtype)
-        return gx, gs, None, None, None, None, None
+def _call(impl, method: str, *args):
+    """A backend as registered with fastgen._dispatch: ``fn("forward" | "grad_sigma", *args)``."""
+    return getattr(impl, method)(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,13 +167,15 @@ class _TorchImpl:
     @staticmethod
     def noise(shape, kind, seed, offset, dtype, device):
         # drawn in float32 whatever x's dtype (the same noise for every dtype, like cpu / triton)
+        # (a private generator: drawn as plain ops also under vmap modes, see _plain_dispatch)
         g = torch.Generator(device=device)
         g.manual_seed((seed ^ (offset * 0x9E3779B97F4A7C15)) & _SEED_MASK)
-        if kind == 0:
-            return torch.randn(shape, generator=g, dtype=torch.float32, device=device).to(dtype)
-        mag = torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=g)
-        sign = torch.randint(0, 2, shape, generator=g, device=device, dtype=torch.int8)
-        return torch.where(sign.bool(), mag, -mag).to(dtype)
+        with _plain_dispatch():
+            if kind == 0:
+                return torch.randn(shape, generator=g, dtype=torch.float32, device=device).to(dtype)
+            mag = torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=g)
+            sign = torch.randint(0, 2, shape, generator=g, device=device, dtype=torch.int8)
+            return torch.where(sign.bool(), mag, -mag).to(dtype)
 
     @classmethod
     def forward(cls, x, sigma_t, sigma_f, kind, seed, offset):
@@ -173,9 +192,7 @@ class _TorchImpl:
         return (eps.to(acc) * grad_y.to(acc)).sum_to_size(sigma_t.shape)
 
 
-@register("spread_noise", "torch")
-def _spread_noise_torch(x, sigma_t, sigma_f, kind, seed, offset):
-    return _SpreadNoiseFn.apply(x, sigma_t, sigma_f, kind, seed, offset, _TorchImpl)
+register("spread_noise", "torch")(functools.partial(_call, _TorchImpl))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,9 +220,7 @@ class _CppImpl:
         return _backend.ext_op("_spread_noise_grad_sigma_kernel")(grad_y, sigma_t.detach(), kind, seed, offset)
 
 
-@register("spread_noise", "cpu")
-def _spread_noise_cpu(x, sigma_t, sigma_f, kind, seed, offset):
-    return _SpreadNoiseFn.apply(x, sigma_t, sigma_f, kind, seed, offset, _CppImpl)
+register("spread_noise", "cpu")(functools.partial(_call, _CppImpl))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,13 +470,11 @@ class _TritonImpl:
         return prod.double().sum_to_size(sigma_t.shape)
 
 
-@register("spread_noise", "triton")
-def _spread_noise_triton(x, sigma_t, sigma_f, kind, seed, offset):
-    return _SpreadNoiseFn.apply(x, sigma_t, sigma_f, kind, seed, offset, _TritonImpl)
+register("spread_noise", "triton")(functools.partial(_call, _TritonImpl))
 
 
 # ---------------------------------------------------------------------------------------------
-# public function
+# argument checks of the public function
 # ---------------------------------------------------------------------------------------------
 def _check_sigma(sigma, x: torch.Tensor, check_values: bool = True):
     """Returns (sigma_t, sigma_f): a tensor view of sigma with x.dim() dims, or a float.
@@ -480,11 +493,7 @@ def _check_sigma(sigma, x: torch.Tensor, check_values: bool = True):
             sigma = sigma.to(x.device)  # a CPU scalar tensor, like torch's own ops accept
         else:
             raise ValueError(f"sigma is on {sigma.device} but x is on {x.device}: all inputs must be on one device")
-    try:
-        bshape = torch.broadcast_shapes(sigma.shape, x.shape)
-    except RuntimeError:
-        bshape = None
-    if bshape != x.shape:
+    if sigma.dim() > x.dim() or any(a != 1 and a != b for a, b in zip(reversed(sigma.shape), reversed(x.shape))):
         raise ValueError(f"sigma of shape {tuple(sigma.shape)} must be broadcastable to x of shape "
                          f"{tuple(x.shape)} (without enlarging x)")
     if check_values:
@@ -497,84 +506,183 @@ def _check_sigma_values(sigma: torch.Tensor) -> None:
     if sigma.numel() > 0:
         # one reduction over sigma (small: a scalar or per-dimension spread). On CUDA this reads
         # one bool back to the host; pass sigma as a float to avoid it.
-        sd = sigma.detach()
-        if not bool(((sd >= 0) & (sd < math.inf)).all()):
+        lo, hi = torch.aminmax(sigma.detach())  # (NaN propagates: both comparisons fail)
+        if not (float(lo) >= 0 and float(hi) < math.inf):
             raise ValueError("sigma must be finite and >= 0 everywhere")
-
-
-# ---------------------------------------------------------------------------------------------
-# custom ops: what torch.compile sees (fake kernels, registered autograd; fastgen/_compile.py)
-# ---------------------------------------------------------------------------------------------
-_IMPLS = {"torch": _TorchImpl, "cpu": _CppImpl}
-if HAS_TRITON:
-    _IMPLS["triton"] = _TritonImpl
-
-
-def _impl_for(x: torch.Tensor, sigma_t):
-    """The backend fastgen._dispatch selects now (use_backend / FASTGEN_BACKEND honoured)."""
-    ng = 0
-    if sigma_t is not None and sigma_t.numel() > 1:
-        ng = len(_groups(x.shape, sigma_t.expand(x.shape).stride()))
-    name, _ = select("spread_noise", "auto", x.device.type, numel=x.numel(), sigma_groups=ng)
-    return _IMPLS[name]
 
 
 def _seed_of(seed: torch.Tensor) -> int:
     return int(seed) & _SEED_MASK  # a CPU int64 scalar: reading it is free
 
 
-@_compile.op("spread_noise_op", "(Tensor x, Tensor? sigma_t, float sigma_f, int kind, Tensor seed) -> Tensor")
-def _op_forward(x: torch.Tensor, sigma_t: torch.Tensor | None, sigma_f: float, kind: int,
-                seed: torch.Tensor) -> torch.Tensor:
-    """x contiguous; sigma_t a view of sigma with x.dim() dims (or None: the float sigma_f);
-    seed a CPU int64 scalar tensor (offset 0). A tensor sigma is value-checked here on CPU (no
-    sync there); on GPU the check is skipped (no host sync)."""
+def _sigma_view(sigma, ndim: int):
+    """sigma (None, or a tensor broadcastable to x) with x's number of dims."""
+    if sigma is None or sigma.dim() == ndim:
+        return sigma
+    return sigma.reshape((1,) * (ndim - sigma.dim()) + tuple(sigma.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# the op: fastgen::spread_noise (impl, fake, autograd with jvp, vmap rule) and the internal
+# fastgen::_spread_noise_grad_sigma (the fused, non-differentiable grad_sigma of the fast backward)
+# ---------------------------------------------------------------------------------------------
+_SCHEMA = ("(Tensor x, Tensor? sigma, float sigma_f, int kind, Tensor seed, int offset=0, "
+           "str backend=\"auto\") -> Tensor")
+
+
+def _noise_impl(x, sigma, sigma_f, kind, seed, offset=0, backend="auto"):
+    """y = x + sigma * eps (sigma_f when sigma is None), eps drawn from (seed, offset) by the
+    backend fastgen._dispatch selects (``backend`` names one). A tensor sigma is value-checked
+    here on CPU (no sync there)."""
+    sigma_t = _sigma_view(sigma, x.dim())
     if sigma_t is not None and x.device.type == "cpu":
         _check_sigma_values(sigma_t)
-    y = _impl_for(x, sigma_t).forward(x, sigma_t, sigma_f, kind, _seed_of(seed), 0)
+    y = _dispatch.run("spread_noise", ("forward", x.contiguous(), sigma_t, sigma_f, kind, _seed_of(seed), offset),
+                      backend=backend, device_type=x.device.type)
     return y.clone() if y is x else y
 
 
-@_op_forward.register_fake
-def _(x, sigma_t, sigma_f, kind, seed):
+def _noise_fake(x, sigma, sigma_f, kind, seed, offset=0, backend="auto"):
     return x.new_empty(x.shape)
 
 
-@_compile.op("spread_noise_op_grad_sigma",
-             "(Tensor grad_y, Tensor x, Tensor sigma_t, int kind, Tensor seed) -> Tensor")
-def _op_grad_sigma(grad_y: torch.Tensor, x: torch.Tensor, sigma_t: torch.Tensor, kind: int,
-                   seed: torch.Tensor) -> torch.Tensor:
-    """sum(eps * grad_y) over the broadcast dims of sigma_t, the noise regenerated from seed;
-    x (only its shape / device matter) picks the same backend as the forward pass."""
-    g = _impl_for(x, sigma_t).grad_sigma(grad_y.contiguous(), sigma_t, kind, _seed_of(seed), 0)
-    return g.reshape(sigma_t.shape).to(sigma_t.dtype).clone()
+@_compile.op("_spread_noise_grad_sigma",
+             "(Tensor grad_y, Tensor sigma, int kind, Tensor seed, int offset, str backend) -> Tensor")
+def _grad_sigma_op(grad_y: torch.Tensor, sigma: torch.Tensor, kind: int, seed: torch.Tensor, offset: int,
+                   backend: str) -> torch.Tensor:
+    """sum(eps * grad_y) over the broadcast dims of sigma (sigma's shape and dtype), the noise
+    regenerated from (seed, offset) by ``backend`` (the one that drew it in the forward pass)."""
+    sigma_t = _sigma_view(sigma, grad_y.dim())
+    g = _dispatch.run("spread_noise", ("grad_sigma", grad_y.contiguous(), sigma_t.detach(), kind, _seed_of(seed),
+                                       offset), backend=backend, device_type=grad_y.device.type)
+    return g.reshape(sigma.shape).to(sigma.dtype).clone()
 
 
-@_op_grad_sigma.register_fake
-def _(grad_y, x, sigma_t, kind, seed):
-    return sigma_t.new_empty(sigma_t.shape)
+@_grad_sigma_op.register_fake
+def _(grad_y, sigma, kind, seed, offset, backend):
+    return sigma.new_empty(sigma.shape)
 
 
-def _op_setup_context(ctx, inputs, output):
-    x, sigma_t, sigma_f, kind, seed = inputs
-    ctx.kind = kind
-    ctx.has_sigma = sigma_t is not None
-    if sigma_t is not None:
-        ctx.save_for_backward(x, sigma_t, seed)
+def _resolved_backend(x: torch.Tensor, backend: str) -> str:
+    """The backend that drew the noise (so that backward and jvp regenerate the same noise even
+    outside the forward's ``use_backend`` block). While torch.compile traces (fake tensors) the
+    choice is left to run time ("auto"), as in the forward op."""
+    if backend != "auto":
+        return backend
+    if is_fake(x):
+        return "auto"
+    return _dispatch.select("spread_noise", "auto", x.device.type)[0]
 
 
-def _op_autograd(ctx, grad_y):
-    gx = grad_y if ctx.needs_input_grad[0] else None
-    gs = None
-    if ctx.has_sigma and ctx.needs_input_grad[1]:
-        x, sigma_t, seed = ctx.saved_tensors
-        gs = _op_grad_sigma(grad_y, x, sigma_t, ctx.kind, seed)
-    return gx, gs, None, None, None
+def _regenerate(ctx, sigma, seed):
+    """eps of the forward pass (compute dtype), recomputed by the op itself from (seed, offset)
+    with x = 0 and sigma = 1: under vmap these zeros / ones carry the batch dims of x and sigma, so
+    the vmap rule draws the noise exactly as it did in the forward pass. Differentiable callers
+    get a constant (no input needs grad)."""
+    ct = _compute_dtype(ctx.x_dtype)
+    if ctx.probe is not None:  # x was (or may have been) batched: keep its batch dims
+        z = torch.zeros_like(ctx.probe, dtype=ct).reshape((1,) * len(ctx.x_shape)).expand(ctx.x_shape)
+    else:
+        z = torch.zeros(ctx.x_shape, dtype=ct, device=ctx.x_device)
+    one = torch.ones_like(sigma, dtype=ct)
+    return _noise_op(z, one, 0.0, ctx.kind, seed, ctx.offset, ctx.backend)
 
 
-_op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
+class _SpreadNoise(_compile.OpFunction):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, sigma, sigma_f, kind, seed = inputs[:5]
+        offset = inputs[5] if len(inputs) > 5 else 0
+        backend = inputs[6] if len(inputs) > 6 else "auto"
+        ctx.kind, ctx.offset = kind, offset
+        ctx.backend = _resolved_backend(x, backend)
+        ctx.x_shape, ctx.x_dtype, ctx.x_device = x.shape, x.dtype, x.device
+        ctx.has_sigma = sigma is not None
+        # under torch.func, a one-element slice of x remembers x's batch dims (see _regenerate);
+        # x itself is not kept
+        ctx.probe = None
+        if sigma is not None and torch._C._are_functorch_transforms_active() and x.numel() > 0:
+            ctx.probe = x.detach()[(0,) * x.dim()].clone()
+        if sigma is not None:
+            ctx.save_for_backward(sigma, seed)
+            ctx.save_for_forward(sigma, seed)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gx = grad_y if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.has_sigma and ctx.needs_input_grad[1]:
+            sigma, seed = ctx.saved_tensors
+            if _compile.fast_backward():  # one fused pass, the noise regenerated in registers
+                gs = _grad_sigma_op(grad_y, sigma, ctx.kind, seed, ctx.offset, ctx.backend)
+            else:  # differentiable (linear in grad_y): double backward, torch.func
+                eps = _regenerate(ctx, sigma, seed)
+                gs = (eps * grad_y.to(eps.dtype)).sum_to_size(sigma.shape).to(sigma.dtype)
+        return gx, gs, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, dsigma, *_):
+        # dy = dx + dsigma * eps
+        out = dx
+        if ctx.has_sigma and dsigma is not None:
+            sigma, seed = ctx.saved_tensors
+            eps = _regenerate(ctx, sigma, seed)
+            t = (_sigma_view(dsigma, eps.dim()).to(eps.dtype) * eps).to(ctx.x_dtype)
+            out = t if out is None else out + t
+        if out is None:
+            out = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=ctx.x_device)
+        return out
 
 
+_RANDOMNESS_ERROR = ("vmap: called random operation while in randomness error mode. Please either use the "
+                     "'same' or 'different' randomness flags on vmap or perform the randomness operation out "
+                     "of vmap")
+
+
+def _vmap_rule(info, in_dims, x, sigma, sigma_f, kind, seed, offset=0, backend="auto"):
+    """torch.func.vmap over spread_noise, following vmap's ``randomness``:
+
+    * "error" (vmap's default): RuntimeError, the one torch raises for its own random ops.
+    * "different": independent noise for every batch element: one launch on the batched tensor
+      (element b gets the noise of flat indices [b * n, (b + 1) * n) of the call's stream).
+    * "same": one draw of one element's noise (one launch), shared by the batch:
+      y[b] = x[b] + sigma[b] * eps in torch ops.
+    """
+    xd, sd, seedd = in_dims[0], in_dims[1], in_dims[4]
+    if seedd is not None:
+        raise ValueError("spread_noise: the seed tensor cannot be batched under vmap")
+    if info.randomness == "error":
+        raise RuntimeError(_RANDOMNESS_ERROR)
+    B = info.batch_size
+    xb = x.movedim(xd, 0) if xd is not None else None
+    ex_shape = xb.shape[1:] if xb is not None else x.shape  # one example's x
+    sb = None
+    if sd is not None:  # [B, *one example's sigma], aligned to one example's x dims
+        sb = sigma.movedim(sd, 0)
+        sb = sb.reshape((B,) + (1,) * (len(ex_shape) - (sb.dim() - 1)) + tuple(sb.shape[1:]))
+    elif sigma is not None:
+        sb = sigma
+    if info.randomness == "different":
+        if xb is None:
+            xb = x.expand((B,) + tuple(x.shape))
+        return _noise_op(xb, sb, sigma_f, kind, seed, offset, backend), 0
+    # "same"
+    if sb is not None and x.device.type == "cpu":
+        _check_sigma_values(sb)
+    ct = _compute_dtype(x.dtype)
+    eps = _noise_op(torch.zeros(ex_shape, dtype=ct, device=x.device), None, 1.0, kind, seed, offset, backend)
+    xv = xb if xb is not None else x
+    s = sb.to(ct) if sb is not None else sigma_f
+    return (xv.to(ct) + s * eps).to(x.dtype), 0
+
+
+_noise_op = _compile.define("spread_noise", _SCHEMA, _noise_impl, fake=_noise_fake, autograd=_SpreadNoise,
+                                  vmap=_vmap_rule)
+
+
+# ---------------------------------------------------------------------------------------------
+# public function
+# ---------------------------------------------------------------------------------------------
 def spread_noise(x: torch.Tensor, sigma, *, kind: str = "gaussian", generator=None) -> torch.Tensor:
     """Spread noise ``y = x + sigma * eps`` in one pass, with ``eps`` never stored.
 
@@ -603,15 +711,23 @@ def spread_noise(x: torch.Tensor, sigma, *, kind: str = "gaussian", generator=No
     The same generator state gives the same y on the same backend (cpu and triton agree to a few
     ulp; torch draws different noise). Backend: ``"cpu"`` for CPU tensors when fastgen._C is
     built, ``"triton"`` on CUDA, else ``"torch"`` (override with ``fastgen._dispatch.use_backend``
-    or FASTGEN_BACKEND).
+    or FASTGEN_BACKEND); the backward uses the backend that drew the noise.
 
-    PyTorch integration: under ``torch.compile`` the call is the custom op
-    ``torch.ops.fastgen.spread_noise_op`` (fake kernel, registered autograd, backend chosen when
-    it runs) with its seed drawn inside the graph from the default generator (a fresh seed per
-    call; ``generator`` must be None there): ``fullgraph=True`` works. A tensor sigma is then
-    value-checked inside the op on CPU; on GPU that check is skipped (no host sync). Autocast
-    does not recast: y has x's dtype, computed in float32. Deterministic: the same seed gives
-    bitwise the same noise (counter-based; no atomics).
+    PyTorch integration: eager and compiled calls are the one custom op
+    ``torch.ops.fastgen.spread_noise`` (fake kernel; autograd with a fused grad_sigma pass, or a
+    differentiable one under create_graph / torch.func: double backward, ``torch.func.jvp``,
+    jacrev, jacfwd, hessian; a vmap rule). Under ``torch.func.vmap`` the op follows vmap's
+    ``randomness``: "error" (the default) raises torch's RuntimeError for random ops;
+    "different" draws independent noise for every batch element (one launch over the batch);
+    "same" draws one example's noise and shares it across the batch. Per-sample gradients:
+    ``vmap(grad(f), randomness=...)``. A jacfwd / hessian of a function that calls spread_noise
+    with unbatched inputs sees one fixed draw (the op is only batched when an input is).
+    Under ``torch.compile`` (fullgraph=True works) the seed is drawn inside the graph from the
+    default generator (a fresh seed per call; ``generator`` must be None there). A tensor sigma
+    is value-checked inside the op on CPU; on GPU it is checked in eager calls outside torch.func
+    (a host read) and not under torch.compile / torch.func (no host sync). Autocast does not
+    recast: y has x's dtype, computed in float32. Deterministic: the same seed gives bitwise the
+    same noise (counter-based; no atomics).
 
     Raises:
         TypeError: x or sigma not a floating-point tensor / float; generator not a Generator;
@@ -619,23 +735,24 @@ def spread_noise(x: torch.Tensor, sigma, *, kind: str = "gaussian", generator=No
         ValueError: sigma < 0, NaN or inf (for a tensor sigma: one reduction over sigma, a host
             read on CUDA); sigma not broadcastable to x; sigma on another device; kind not
             ``"gaussian"`` / ``"laplace"`` (``"uniform"`` is not a valid spread).
+        RuntimeError: under ``torch.func.vmap(..., randomness="error")`` (vmap's default).
     """
     check_tensor("x", x, allow_empty=True)
     kind = check_kind(kind)
     compiling = _compile.is_compiling()
-    sigma_t, sigma_f = _check_sigma(sigma, x, check_values=not compiling)
-    if compiling:  # one opaque custom op; the seed is drawn in the graph (a fresh one per call)
+    # a tensor sigma is value-checked inside the op on CPU; on GPU here (a host read), except
+    # under torch.compile / torch.func
+    check = x.device.type != "cpu" and not compiling and not torch._C._are_functorch_transforms_active()
+    sigma_t, sigma_f = _check_sigma(sigma, x, check_values=check)
+    sf = 0.0 if sigma_f is None else sigma_f
+    if compiling:  # the seed is drawn in the graph (a fresh one per call)
         if generator is not None:
             raise ValueError("spread_noise under torch.compile draws its seed from the default generator "
                              "(torch.manual_seed): pass generator=None")
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-        return _op_forward(x.contiguous(), sigma_t, 0.0 if sigma_f is None else sigma_f, _KIND_ID[kind], seed)
+        return _noise_op(x, sigma_t, sf, _KIND_ID[kind], seed)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    xc = x.contiguous()
-    seed, offset = _draw_seed(generator, x.device, x.numel())
-    ng = 0
-    if sigma_t is not None and sigma_t.numel() > 1:
-        ng = len(_groups(x.shape, sigma_t.expand(x.shape).stride()))
-    _, fn = select("spread_noise", "auto", x.device.type, numel=x.numel(), sigma_groups=ng)
-    return fn(xc, sigma_t, sigma_f, _KIND_ID[kind], seed, offset)
+    numel = _physical_numel(x, sigma_t) if generator is not None and generator.device.type == "cuda" else x.numel()
+    seed, offset = _draw_seed(generator, numel)
+    return _noise_op(x, sigma_t, sf, _KIND_ID[kind], seed, offset)
