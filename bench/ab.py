@@ -92,6 +92,23 @@ def fn():
     s.grad = None
     fastgen.imle_loss(s, d).backward()
 """),
+    "knn_fb": ("knn", "fwd+bwd k=4 4096x16384x64 fp32 (grad query and key)", """
+q = torch.randn(4096, 64, requires_grad=True); k = torch.randn(16384, 64, requires_grad=True)
+def fn():
+    q.grad = k.grad = None
+    fastgen.knn(q, k, 4)[0].sum().backward()
+"""),
+    "knn_small": ("knn", "k=1 32x64x16 fp32, no grad (per-call overhead)", """
+q = torch.randn(32, 16); k = torch.randn(64, 16)
+def fn():
+    fastgen.knn(q, k)
+"""),
+    "imle_small_fb": ("imle_loss", "fwd+bwd samples 64x16, data 32x16 fp32 (per-call overhead)", """
+s = torch.randn(64, 16, requires_grad=True); d = torch.randn(32, 16)
+def fn():
+    s.grad = None
+    fastgen.imle_loss(s, d).backward()
+"""),
 }
 
 _CHILD = """

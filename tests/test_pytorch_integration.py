@@ -497,7 +497,7 @@ KNN_BACKENDS = backends_for("knn") + [pytest.param("faiss", marks=pytest.mark.sk
 
 @pytest.mark.parametrize("backend", KNN_BACKENDS)
 def test_knn_opcheck_and_custom_op_path(backend):
-    op = torch.ops.fastgen.knn_op.default
+    op = torch.ops.fastgen.knn.default
     q = (torch.randn(2, 7, 5, dtype=F64) + 100.0).requires_grad_()
     key = (torch.randn(2, 11, 5, dtype=F64) + 100.0)
     key[:, 3] = key[:, 8]  # duplicate keys: ties go to the lowest index

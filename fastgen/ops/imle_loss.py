@@ -145,40 +145,65 @@ def _as_batched(samples, data, conditional):
 
 
 # ---------------------------------------------------------------------------------------------
-# custom op: what torch.compile sees (the data-dependent neighbour search is one opaque node)
+# the op fastgen::imle_nearest: the data-dependent neighbour search (no gradient: it returns
+# indices), called by imle_loss in eager and compiled code alike; the loss is traced around it
 # ---------------------------------------------------------------------------------------------
-@_compile.op("imle_nearest", "(Tensor data, Tensor samples, float rejection_radius, str backend) -> (Tensor, Tensor)")
-def _op_nearest(data, samples, rejection_radius, backend):
+def _nearest_impl(data, samples, rejection_radius, backend):
     """data [B, N, D], samples [B, S, D] (one dtype, no grad) -> (index int64 [B, N] of the
-    nearest eligible sample, found bool [B, N]); finite inputs checked here (except while a
-    CUDA graph is captured: see :func:`_checked_nearest`)."""
-    index, found, _ = _checked_nearest(data, samples, rejection_radius, backend)
-    return index, found
-
-
-def _checked_nearest(data, samples, r, backend):
-    """(index [B, N], found [B, N], bad): NaN / inf inputs raise ValueError naming them. While
-    a CUDA graph is being captured no host read is allowed: ``bad`` is then the device mask
-    [B, N] of examples whose loss is undefined (a non-finite example, or any non-finite sample
-    of its condition), which the caller turns into NaN; else None. RS-IMLE's widening search
-    reads the device, so it cannot be captured (RuntimeError)."""
-    bad = None
+    nearest eligible sample, found bool [B, N]). NaN / inf inputs raise ValueError naming them,
+    except while a CUDA graph is being captured (no host read allowed: imle_loss then turns the
+    rows of :func:`_capture_mask` into NaN). RS-IMLE's widening search reads the device, so it
+    cannot be captured (RuntimeError)."""
     if capturing(samples):
-        if r > 0:
+        if rejection_radius > 0:
             raise RuntimeError("imle_loss with rejection_radius > 0 (RS-IMLE) cannot be captured in a CUDA graph: "
                                "its search widens on the host for the examples still pending")
-        bad = nonfinite_rows(data) | nonfinite_rows(samples).any(-1, keepdim=True)
     else:
         check_finite("samples", samples)
         check_finite("data", data)
-    _, index, found, _, _ = nearest_eligible(data, samples, r, backend=backend)
-    return index, found, bad
+    _, index, found, _, _ = nearest_eligible(data, samples, rejection_radius, backend=backend)
+    return index, found
 
 
-@_op_nearest.register_fake
-def _(data, samples, rejection_radius, backend):
+def _nearest_fake(data, samples, rejection_radius, backend):
     B, N, _ = data.shape
     return data.new_empty((B, N), dtype=torch.int64), data.new_empty((B, N), dtype=torch.bool)
+
+
+def _nearest_vmap(info, in_dims, data, samples, rejection_radius, backend):
+    """vmap rule: the vmapped dim V goes onto the search's own dims, one call. Samples not
+    batched: V folds into the examples ([V, B, N, D] -> [B, V*N, D]; samples not copied).
+    Samples batched: V folds into the condition batch (conditional IMLE: [V*B, N, D] x
+    [V*B, S, D]). Exact either way: every example is searched on its own."""
+    V = info.batch_size
+    dd, sd = in_dims[0], in_dims[1]
+    if sd is None:
+        x = data.movedim(dd, 1)                                               # [B, V, N, D]
+        B, _, N, D = x.shape
+        index, found = _op_nearest(x.reshape(B, V * N, D), samples, rejection_radius, backend)
+        return (index.view(B, V, N), found.view(B, V, N)), (1, 1)
+    s = samples.movedim(sd, 0)                                                # [V, B, S, D]
+    x = _compile.move_bdim(data, dd, V)                                       # [V, B, N, D]
+    _, B, N, D = x.shape
+    index, found = _op_nearest(x.reshape(V * B, N, D), s.reshape(V * B, *s.shape[2:]), rejection_radius, backend)
+    return (index.view(V, B, N), found.view(V, B, N)), (0, 0)
+
+
+# no autograd kernel: the outputs are an index and a mask (the inputs reach it detached)
+_op_nearest = _compile.define("imle_nearest", "(Tensor data, Tensor samples, float rejection_radius, str backend) "
+                              "-> (Tensor, Tensor)", _nearest_impl, fake=_nearest_fake, vmap=_nearest_vmap)
+
+
+def _capture_mask(data, samples, r):
+    """The device mask [B, N] of examples whose loss is undefined (non-finite example, or any
+    non-finite sample of its condition) when the call may be captured in a CUDA graph (the op
+    cannot raise then); else None. Under torch.compile a CUDA call may be replayed inside a
+    graph later (mode="reduce-overhead"), so the mask is traced for every CUDA call with r == 0."""
+    if r > 0:
+        return None
+    if capturing(samples) or (samples.is_cuda and _compile.is_compiling()):
+        return nonfinite_rows(data) | nonfinite_rows(samples).any(-1, keepdim=True)
+    return None
 
 
 def imle_loss(samples: torch.Tensor, data: torch.Tensor, *, conditional: bool = False,
@@ -216,12 +241,17 @@ def imle_loss(samples: torch.Tensor, data: torch.Tensor, *, conditional: bool = 
     rejection_radius > 0 the K = 8 nearest samples are searched first and the search widens
     (x4) for the examples whose K nearest are all rejected, until every sample is covered.
 
-    PyTorch integration: under ``torch.compile`` the neighbour search (data-dependent for
-    RS-IMLE) is the custom op ``torch.ops.fastgen.imle_nearest`` (no gradient: it returns
-    indices); the loss around it is traced, so ``fullgraph=True`` works. The finite-input check
-    runs inside that op. With ``rejection_radius=0`` the call can be captured in a CUDA graph
-    (no host read: the search is :func:`fastgen.knn`'s capture path); non-finite inputs then
-    give a NaN loss instead of the ValueError. RS-IMLE cannot be captured (RuntimeError).
+    PyTorch integration: the neighbour search (data-dependent for RS-IMLE) is one custom op,
+    ``torch.ops.fastgen.imle_nearest`` (indices only: no gradient), in eager and compiled code
+    alike; the loss around it is plain torch, so ``torch.compile(fullgraph=True)``, double
+    backward, forward-mode AD (``torch.func.jvp``), ``torch.func.hessian`` / ``jacrev`` /
+    ``jacfwd`` work. ``torch.func.vmap`` maps the vmapped dim onto the search's batch: onto the
+    examples when ``samples`` is not vmapped, onto the condition batch (the conditional path)
+    when it is: one search, not a loop; ``vmap(grad(...))`` gives per-sample gradients. The
+    finite-input check runs inside the op. With ``rejection_radius=0`` the call can be captured
+    in a CUDA graph (no host read: the search is :func:`fastgen.knn`'s capture path);
+    non-finite inputs then give a NaN loss instead of the ValueError. RS-IMLE cannot be
+    captured (RuntimeError).
     """
     check_tensor("samples", samples)
     check_tensor("data", data)
@@ -235,13 +265,9 @@ def imle_loss(samples: torch.Tensor, data: torch.Tensor, *, conditional: bool = 
     if x.dtype != s.dtype:
         x = x.to(s.dtype)
     x = x.detach()
-    bad = None
-    if _compile.is_compiling():  # the search is one custom op: no graph break
-        index, found = _op_nearest(x, s.detach(), r, backend)
-        if s.is_cuda and r == 0:  # the op cannot raise while a CUDA graph (reduce-overhead) is captured
-            bad = nonfinite_rows(x) | nonfinite_rows(s.detach()).any(-1, keepdim=True)
-    else:
-        index, found, bad = _checked_nearest(x, s.detach(), r, backend)
+    sd = s.detach()
+    index, found = _op_nearest(x, sd, r, backend)     # the search: one custom op, eager and compiled
+    bad = _capture_mask(x, sd, r)
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     picked = torch.gather(s, 1, index[..., None].expand(-1, -1, s.shape[-1]))   # [B, N, D]
     diff = x.to(acc) - picked.to(acc)

@@ -401,67 +401,26 @@ def knn_faiss(query: torch.Tensor, key: torch.Tensor, k: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd and the public function
+# the op fastgen::knn: implementation (backend chosen when it runs), fake kernel, autograd
+# (differentiable backward, jvp) and vmap rule, registered once (fastgen/_compile.py)
 # ---------------------------------------------------------------------------------------------
-class _KNN(torch.autograd.Function):
-    """dist2 = ||q_i - key_idx||^2 with idx fixed (the argmin is piecewise constant):
-    d dist2 / d q_i = 2 (q_i - key_idx), d dist2 / d key_idx = -2 (q_i - key_idx)."""
-
-    @staticmethod
-    def forward(ctx, query, key, k, impl):
-        with torch.no_grad():
-            dist2, index = impl(query.detach(), key.detach(), k)
-        ctx.save_for_backward(query, key, index)
-        ctx.mark_non_differentiable(index)
-        return dist2, index
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_dist2, _grad_index):
-        query, key, index = ctx.saved_tensors
-        if grad_dist2 is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return None, None, None, None
-        gq, gk = _knn_grads(query, key, index, grad_dist2, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return gq, gk, None, None
-
-
-def _knn_grads(query, key, index, grad_dist2, need_q: bool, need_k: bool):
-    """(grad_query, grad_key) of dist2 = ||q_i - key_idx||^2 with idx fixed (None where not
-    needed); plain torch ops, so torch.compile traces it as the custom op's backward."""
-    gq = gk = None
-    cd = torch.float64 if torch.float64 in (query.dtype, key.dtype) else torch.float32
-    B = query.shape[0]
-    bidx = torch.arange(B, device=query.device)[:, None, None]
-    diff = query.to(cd)[:, :, None, :] - key.to(cd)[bidx, index]           # [B, N, k, D]
-    g = grad_dist2.to(cd)[..., None] * diff                                 # [B, N, k, D]
-    if need_q:
-        gq = (2.0 * g.sum(dim=2)).to(query.dtype)
-    if need_k:
-        gk = torch.zeros(key.shape, dtype=cd, device=key.device)
-        gk.index_put_((bidx.expand_as(index), index), -2.0 * g, accumulate=True)
-        gk = gk.to(key.dtype)
-    return gq, gk
-
-
-# ---------------------------------------------------------------------------------------------
-# custom op: what torch.compile sees (fake kernel, registered autograd; fastgen/_compile.py)
-# ---------------------------------------------------------------------------------------------
-def _select(query, key, k, backend):
+def _knn_impl(query, key, k, backend):
+    """query [B, N, D], key [B, M, D] (validated by knn(), one dtype) -> (dist2 [B, N, k],
+    index int64 [B, N, k]); the backend chosen by fastgen._dispatch when the op runs."""
     Bsz, N, D = query.shape
-    return _dispatch.select("knn", backend, query.device.type, B=Bsz, N=N, M=key.shape[1], D=D, k=k,
-                            dtype=query.dtype, device=query.device.type)
-
-
-@_compile.op("knn_op", "(Tensor query, Tensor key, int k, str backend) -> (Tensor, Tensor)")
-def _op_forward(query, key, k, backend):
-    """query [B, N, D], key [B, M, D] (validated, one dtype) -> (dist2 [B, N, k], index [B, N, k]);
-    the backend chosen by fastgen._dispatch when the op runs."""
-    name, impl = _select(query, key, k, backend)
+    M = key.shape[1]
+    info = dict(B=Bsz, N=N, M=M, D=D, k=k, dtype=query.dtype, device=query.device.type)
+    name, _ = _dispatch.select("knn", backend, query.device.type, **info)
     check = _check_finite_inputs(name, query, key)
-    with torch.no_grad():
-        d, i = impl(query, key, k)
-    # contiguous: the fake kernel cannot know a backend's layout (triton may pad rows)
-    return _poison(d, check).contiguous(), i.contiguous()
+    d, i = _dispatch.run("knn", (query, key, k), backend=backend, device_type=query.device.type, **info)
+    return _own(_poison(d, check)), _own(i)
+
+
+def _own(t):
+    """t as a contiguous tensor that owns its storage: the fake kernel cannot know a backend's
+    layout (triton returns row slices of padded buffers), and forward-mode AD rejects an op
+    output that is a view of a hidden buffer."""
+    return t.clone(memory_format=torch.contiguous_format) if t._base is not None or not t.is_contiguous() else t
 
 
 def _check_finite_inputs(name, query, key):
@@ -484,27 +443,89 @@ def _poison(dist2, bad):
     return torch.where(bad[..., None], torch.full_like(dist2, float("nan")), dist2)
 
 
-@_op_forward.register_fake
-def _(query, key, k, backend):
+def _knn_fake(query, key, k, backend):
     B, N, _ = query.shape
     return (query.new_empty((B, N, k), dtype=_out_dtype(query)), query.new_empty((B, N, k), dtype=torch.int64))
 
 
-def _op_setup_context(ctx, inputs, output):
-    query, key, _, _ = inputs
-    ctx.save_for_backward(query, key, output[1])
+def _neighbour_diff(query, key, index):
+    """q_i - key[index_ij]: [B, N, k, D] in the dtype of dist2's gradient (float64 if either input
+    is float64, else float32); differentiable in query and key (gather)."""
+    cd = torch.float64 if torch.float64 in (query.dtype, key.dtype) else torch.float32
+    bidx = torch.arange(query.shape[0], device=query.device)[:, None, None]
+    return query.to(cd)[:, :, None, :] - key.to(cd)[bidx, index], bidx
 
 
-def _op_autograd(ctx, grad_dist2, _grad_index):
-    query, key, index = ctx.saved_tensors
-    need_q, need_k = ctx.needs_input_grad[:2]
-    if grad_dist2 is None or not (need_q or need_k):
-        return None, None, None, None
-    gq, gk = _knn_grads(query, key, index, grad_dist2, need_q, need_k)
-    return gq, gk, None, None
+class _KnnFunction(_compile.OpFunction):
+    """dist2_ij = ||q_i - key[idx_ij]||^2 with idx fixed (the argmin is piecewise constant):
+    d dist2 / d q_i = 2 sum_j g_ij (q_i - key[idx_ij]); d dist2 / d key[m] = -2 sum over the
+    (i, j) with idx_ij = m of g_ij (q_i - key[m]); jvp: 2 <q_i - key[idx_ij], dq_i - dkey[idx_ij]>.
+    The backward is plain torch (gather, index_put), so it is itself differentiable (double
+    backward, hessian) and vmappable (per-sample gradients); index is not differentiable."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        query, key, _, _ = inputs
+        index = output[1]
+        ctx.mark_non_differentiable(index)
+        ctx.save_for_backward(query, key, index)
+        ctx.save_for_forward(query, key, index)
+
+    @staticmethod
+    def backward(ctx, grad_dist2, _grad_index):
+        query, key, index = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[:2]
+        gq = gk = None
+        if grad_dist2 is None or not (need_q or need_k):
+            return None, None, None, None
+        diff, bidx = _neighbour_diff(query, key, index)
+        g = grad_dist2.to(diff.dtype)[..., None] * diff                        # [B, N, k, D]
+        if need_q:
+            gq = (2.0 * g.sum(dim=2)).to(query.dtype)
+        if need_k:
+            # ordered (deterministic) accumulation of -2 g into the picked key rows; out of place:
+            # differentiable and vmappable (also under the vmap of is_grads_batched, which a
+            # functorch-layer test cannot see), at the cost of one copy of a zero [B, M, D]
+            zeros = torch.zeros(key.shape, dtype=diff.dtype, device=key.device)
+            gk = zeros.index_put((bidx.expand_as(index), index), -2.0 * g, accumulate=True)
+            gk = gk.to(key.dtype)
+        return gq, gk, None, None
+
+    @staticmethod
+    def jvp(ctx, dq, dk, _dk, _dbackend):
+        query, key, index = ctx.saved_tensors
+        diff, bidx = _neighbour_diff(query, key, index)
+        t = None
+        if dq is not None:
+            t = dq.to(diff.dtype)[:, :, None, :]
+        if dk is not None:
+            tk = dk.to(diff.dtype)[bidx, index]
+            t = -tk if t is None else t - tk
+        if t is None:
+            return None, None
+        return (2.0 * (diff * t).sum(-1)).to(_out_dtype(query)), None
 
 
-_op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
+def _knn_vmap(info, in_dims, query, key, k, backend):
+    """vmap rule: the vmapped dim V goes onto the kernel's own dims, one call. Key not batched:
+    V folds into the query rows ([V, B, N, D] -> [B, V*N, D]; a view when B == 1, and key is
+    not copied). Key batched: V folds into the batch ([V*B, N, D] x [V*B, M, D])."""
+    V = info.batch_size
+    qd, kd = in_dims[0], in_dims[1]
+    if kd is None:
+        q = query.movedim(qd, 1)                                              # [B, V, N, D]
+        B, _, N, D = q.shape
+        d, i = _knn_op(q.reshape(B, V * N, D), key, k, backend)
+        return (d.view(B, V, N, k), i.view(B, V, N, k)), (1, 1)
+    kk = key.movedim(kd, 0)                                                   # [V, B, M, D]
+    q = _compile.move_bdim(query, qd, V)                                      # [V, B, N, D]
+    _, B, N, D = q.shape
+    d, i = _knn_op(q.reshape(V * B, N, D), kk.reshape(V * B, *kk.shape[2:]), k, backend)
+    return (d.view(V, B, N, k), i.view(V, B, N, k)), (0, 0)
+
+
+_knn_op = _compile.define("knn", "(Tensor query, Tensor key, int k, str backend) -> (Tensor, Tensor)",
+                          _knn_impl, fake=_knn_fake, autograd=_KnnFunction, vmap=_knn_vmap)
 
 
 def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, backend: str = "auto"):
@@ -539,9 +560,14 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, backend: str = "a
             whose query (or any key of their batch) is non-finite get NaN dist2 instead.
         RuntimeError: a named backend that is unavailable here (with the reason).
 
-    PyTorch integration: under ``torch.compile`` the call is the custom op
-    ``torch.ops.fastgen.knn_op`` (fake kernel, registered autograd; the backend chosen when it
-    runs): ``fullgraph=True`` works. Outputs are contiguous. Deterministic: ties go to the
+    PyTorch integration: eager and compiled calls alike are one custom op,
+    ``torch.ops.fastgen.knn`` on [B, N, D] x [B, M, D] (2-D inputs are unsqueezed), with a fake
+    kernel (``torch.compile(fullgraph=True)``, ``torch.export``), the backend chosen when it
+    runs. Its autograd is registered on the op: the backward is plain torch, so double backward,
+    forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``), forward-over-reverse
+    (``torch.func.hessian``) work; ``torch.func.vmap`` maps the vmapped dim onto the kernel's
+    batch (or query-row) dim: one search, not a loop; vmap over the backward gives per-sample
+    gradients. Outputs are contiguous. Deterministic: ties go to the
     lowest index on every backend, and the key gradient is an ordered index_put.
 
     Source: exact search by certified re-ranking of candidates, as in FAISS's exact-flat
@@ -576,16 +602,7 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, backend: str = "a
         if common in (torch.float16, torch.bfloat16):
             common = torch.float32
         q3, k3 = q3.to(common), k3.to(common)
-    Bsz, N, D = q3.shape
-    if _compile.is_compiling():  # one opaque custom op, the backend chosen when it runs
-        dist2, index = _op_forward(q3, k3, k, backend)
-        return (dist2[0], index[0]) if squeeze else (dist2, index)
-    name, impl = _dispatch.select("knn", backend, q3.device.type, B=Bsz, N=N, M=M, D=D, k=k,
-                                  dtype=q3.dtype, device=q3.device.type)
-    bad = _check_finite_inputs(name, q3, k3)
-    dist2, index = _KNN.apply(q3, k3, k, impl)
-    if bad is not None:
-        dist2 = _poison(dist2, bad)
+    dist2, index = _knn_op(q3, k3, k, backend)
     if squeeze:
         return dist2[0], index[0]
     return dist2, index

@@ -14,6 +14,9 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, chunk: int | None
     ties go to the lowest key index (a stable sort of the distances in index order).
     Memory: the [rows, M] distance block plus a [rows, keys, D] difference block of at most
     2^24 elements (``chunk`` forces the number of query rows per block). For tests, not speed.
+
+    dist2 is differentiable w.r.t. query and key (any order, forward and reverse mode, as
+    :func:`neighbour_dist2` at the returned indices): the reference of fastgen.knn's derivatives.
     """
     squeeze = query.dim() == 2
     q = query.detach().to(torch.float64)
@@ -38,6 +41,21 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, chunk: int | None
             order = torch.sort(d, dim=1, stable=True).indices[:, :k]
             d_out[b, s:e] = torch.gather(d, 1, order)
             i_out[b, s:e] = order
+    # the same float64 values, recomputed differentiably at the chosen neighbours
+    q64, k64 = query.to(torch.float64), key.to(torch.float64)
+    d_out = neighbour_dist2(q64[None] if squeeze else q64, k64[None] if squeeze else k64, i_out)
     if squeeze:
         return d_out[0], i_out[0]
     return d_out, i_out
+
+
+def neighbour_dist2(query: torch.Tensor, key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """||query_i - key[index_ij]||^2 by direct differences in plain torch: the reference of
+    fastgen.knn's derivatives (dist2 is differentiable with the neighbours held fixed; the
+    argmin is piecewise constant). query [N, D] / key [M, D] / index [N, k], or batched
+    [B, N, D] / [B, M, D] / [B, N, k] -> [.., N, k] in the inputs' dtype; differentiable (any
+    order, forward and reverse mode, vmap) w.r.t. query and key."""
+    if query.dim() == 2:
+        return (query[:, None, :] - key[index]).pow(2).sum(-1)
+    b = torch.arange(query.shape[0], device=query.device)[:, None, None]
+    return (query[:, :, None, :] - key[b, index]).pow(2).sum(-1)
