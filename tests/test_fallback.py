@@ -183,6 +183,7 @@ _E2E = textwrap.dedent("""
         "gaussian_nll_loss": lambda: fastgen.gaussian_nll_loss(x, t, v.expand(6, 5)),
         "spread_noise": lambda: fastgen.spread_noise(x, v, kind="laplace", generator=torch.Generator().manual_seed(3)),
         "spread_log_likelihood": lambda: fastgen.spread_log_likelihood(x, t, v, kind="gaussian"),
+        "knn": lambda: fastgen.knn(x, t + 0.1 * v, k=2)[0],
     }
     f = calls[public]
 
@@ -223,7 +224,8 @@ _E2E = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not has_triton(), reason="triton not installed")
-@pytest.mark.parametrize("op,public,module", [("gaussian_nll", "gaussian_nll_loss", "gaussian_nll"),
+@pytest.mark.parametrize("op,public,module", [("knn", "knn", "knn"),
+                                              ("gaussian_nll", "gaussian_nll_loss", "gaussian_nll"),
                                               ("spread_noise", "spread_noise", "spread_noise"),
                                               ("spread_log_likelihood", "spread_log_likelihood",
                                                "spread_log_likelihood")])
