@@ -9,8 +9,14 @@ Environment:
                           TORCH_CUDA_ARCH_LIST names the architectures); 1: always (an error when
                           torch or the toolkit cannot, with FASTGEN_REQUIRE_EXT=1, else a warning).
                           Architectures: TORCH_CUDA_ARCH_LIST (torch's default: the visible GPUs).
-  FASTGEN_NATIVE=1|0      compile the CPU kernels with -march=native (default 1: the
-                          package is built from source on the machine that runs it).
+  FASTGEN_NATIVE=1|0      default 0: the CPU kernels are compiled once per instruction set
+                          (csrc/cpu/isa/<op>_{baseline,avx2,avx512}.cpp: x86-64-v2, x86-64-v3,
+                          x86-64-v4, switched by `#pragma GCC target` inside each file, see
+                          csrc/cpu/isa_begin.h) and the path is chosen at load time from the CPU's
+                          features (csrc/cpu/isa.cpp; FASTGEN_CPU_ISA=baseline|avx2|avx512 forces
+                          one): one binary for every x86-64 CPU. 1: compile everything with
+                          -march=native instead (one path, "native"; the binary runs only on
+                          CPUs like the build machine's).
   FASTGEN_REQUIRE_EXT=1   fail the install if the extension does not build (default:
                           warn and install the pure torch / Triton package).
 """
@@ -30,12 +36,18 @@ def _extensions():
         print("fastgen: torch not importable at build time; skipping fastgen._C")
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
+    # CPU sources: the tensor boundaries csrc/cpu/<op>.cpp, the path selection csrc/cpu/isa.cpp,
+    # and the compute code once per instruction set, csrc/cpu/isa/<op>_<isa>.cpp (each sets its
+    # target with a pragma, so one flag set compiles them all; the avx2 / avx512 files are empty
+    # off x86-64 and in a FASTGEN_NATIVE=1 build)
     sources = [os.path.relpath(p, here) for p in
                sorted(glob.glob(os.path.join(here, "csrc", "*.cpp")))
-               + sorted(glob.glob(os.path.join(here, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
-    if os.environ.get("FASTGEN_NATIVE", "1") == "1":
-        cxx.append("-march=native")
+               + sorted(glob.glob(os.path.join(here, "csrc", "cpu", "*.cpp")))
+               + sorted(glob.glob(os.path.join(here, "csrc", "cpu", "isa", "*.cpp")))]
+    # -g0: no debug info (Python's CFLAGS add -g: larger objects, slower compiles of the kernels)
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-Wno-psabi", "-g0"]
+    if os.environ.get("FASTGEN_NATIVE", "0") == "1":
+        cxx += ["-march=native", "-DFASTGEN_NATIVE_BUILD"]
     optional = os.environ.get("FASTGEN_REQUIRE_EXT", "0") != "1"
     exts = [cpp_extension.CppExtension(
         "fastgen._C", sources, extra_compile_args={"cxx": cxx},

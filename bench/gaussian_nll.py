@@ -3,6 +3,9 @@ fastgen (auto backend: the C++ kernel on CPU, Triton on GPU) against F.gaussian_
 formula in torch eager, and torch.compile of that formula, in one run.
 
 usage: python -m bench.gaussian_nll [--quick] [--device cpu|cuda] [--outdir DIR] [--no-compile]
+                                   [--isa auto|all|baseline,avx2,avx512]
+
+--isa times fastgen's C++ kernel on each CPU path (rows fastgen-cpu[<path>]) beside the same peers.
 
 Modes: "fwd" is the forward of a training step (inputs require grad: fastgen's fused kernel also
 writes the gradients there), "bwd" the backward alone (forward untimed before each repetition),
@@ -17,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Recorder, bench, bench_backward, parser, use_compile
+from bench.harness import Recorder, bench, bench_backward, parser, use_compile, with_isa_paths
 
 import fastgen
 from fastgen import _dispatch
@@ -51,6 +54,7 @@ def main(argv=None) -> int:
              "torch-eager-formula": _formula}
     if compiled is not None:
         impls["torch.compile-formula"] = compiled
+    impls, our_names = with_isa_paths(impls, f"fastgen-{backend}", args, device)
 
     summary = []
     for (shape, vkind) in shapes:
@@ -103,9 +107,10 @@ def main(argv=None) -> int:
                         note += f" extra mem over grads {tm['peak_mem_mib'] - grad_mib:.2f} MiB (inputs {in_mib:.0f} MiB)"
                     medians[(name, mode)] = tm["median_ms"]
                     rec.add(case, name, dtype, mode, tm, wrong=wrong, max_err=err, note=note.strip())
-            ours = f"fastgen-{backend}"
-            for peer in impls:
-                if peer != ours:
+            for ours in our_names:
+                for peer in impls:
+                    if peer in our_names:
+                        continue
                     r = medians[(peer, "fwd+bwd")] / medians[(ours, "fwd+bwd")]
                     summary.append(f"{case} {str(dtype).replace('torch.', '')} fwd+bwd: {ours} "
                                    f"{medians[(ours, 'fwd+bwd')]:.2f} ms, {r:.2f}x faster than {peer} "

@@ -213,7 +213,48 @@ def parser(description: str, *, compile_peer: bool = False) -> argparse.Argument
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per case (ms)")
     if compile_peer:
         p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--isa", default="auto",
+                   help="CPU paths of fastgen's C++ kernels to time, each beside the same peers: auto (the "
+                        "path in use), a comma list of baseline,avx2,avx512, or all (every path this CPU "
+                        "runs); rows name the path: fastgen-cpu[avx2]")
     return p
+
+
+def cpu_isas(args) -> list[str]:
+    """The CPU paths --isa asks for (validated against the paths this CPU runs)."""
+    from fastgen import _backend
+
+    avail = _backend.cpu_isas_available()
+    if args.isa == "auto":
+        return [_backend.cpu_isa()]
+    want = avail if args.isa == "all" else [a.strip() for a in args.isa.split(",") if a.strip()]
+    bad = [a for a in want if a not in avail]
+    if bad:
+        raise SystemExit(f"--isa: {', '.join(bad)} not runnable here (this CPU / build runs: {', '.join(avail)})")
+    return want
+
+
+def with_isa_paths(impls: dict, ours: str, args, device) -> tuple[dict, list[str]]:
+    """Expand the fastgen impl ``ours`` ("fastgen-cpu" on CPU) into one impl per CPU path of --isa,
+    named "fastgen-cpu[<path>]", each switching fastgen._C to its path before every call (a
+    test / benchmark hook: fastgen._backend.set_cpu_isa). Other impls (the peers) are kept.
+    Returns (impls, names of ours)."""
+    if torch.device(device).type != "cpu" or not ours.endswith("-cpu"):
+        return impls, [ours]
+    from fastgen import _backend
+
+    out, names = {}, []
+    for name, fn in impls.items():
+        if name != ours:
+            out[name] = fn
+            continue
+        for isa in cpu_isas(args):
+            def run(*a, _fn=fn, _isa=isa, **k):
+                _backend.set_cpu_isa(_isa)
+                return _fn(*a, **k)
+            out[f"{ours}[{isa}]"] = run
+            names.append(f"{ours}[{isa}]")
+    return out, names
 
 
 def use_compile(args) -> bool:

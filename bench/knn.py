@@ -3,6 +3,7 @@ wrong-neighbour count on clustered data far from the origin (the case that break
 
 usage: python -m bench.knn [--quick] [--device cpu|cuda] [--outdir DIR] [--rep-ms MS] [--k K]
                           [--threads T] [--rounds R] [--peers a,b] [--cases i,j] [--no-sweep]
+                          [--isa auto|all|baseline,avx2,avx512]  (rows fastgen-cpu[<path>], one per CPU path)
 
 On a shared machine use --rounds R: every peer is timed R times per case, the rounds interleaved
 (peer A, B, ..., A, B, ...), so that a busy spell hits all peers alike; a row's median_ms is the
@@ -36,7 +37,7 @@ import os
 
 import torch
 
-from bench.harness import Recorder, bench, parser
+from bench.harness import Recorder, bench, parser, with_isa_paths
 
 import fastgen
 from fastgen import _dispatch
@@ -233,6 +234,10 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"unknown or unavailable peers {unknown}; here: {sorted(impls)}")
         impls = {n: f for n, f in impls.items() if n in want}
+    # --isa: fastgen's C++ kernel once per CPU path, rows fastgen-cpu[<path>]
+    cpu_names = []
+    if "fastgen-cpu" in impls:
+        impls, cpu_names = with_isa_paths(impls, "fastgen-cpu", args, device)
     floor_on = not args.peers or "mm-only-fp32" in args.peers.split(",")
     summary = []
     for (N, M, D) in cases:
@@ -279,8 +284,9 @@ def main(argv=None) -> int:
                     tm = bench(lambda: impls[name](qr, kr), device=device, rep_ms=rep_ms)
                     rec.add(case + " random", name, qr.dtype, "fwd", tm, note="unit-normal data")
             del qr, kr
-        ours = next((n for n in ("fastgen-cpu", "fastgen-triton", "fastgen-torch") if n in res), None)
-        if ours:
+        ours_list = [n for n in cpu_names if n in res] or \
+            [n for n in ("fastgen-cpu", "fastgen-triton", "fastgen-torch") if n in res][:1]
+        for ours in ours_list:
             for peer in ("faiss-cpu", "faiss-gpu", "cdist+topk", "mm-expansion-fp32"):
                 if peer in res:
                     summary.append(f"{case}: {ours} {res[ours]:.1f} ms, {res[peer] / res[ours]:.2f}x vs {peer} "
@@ -289,7 +295,7 @@ def main(argv=None) -> int:
         del q, key, exact
     if not args.no_sweep:
         pts = []
-        sweep_impls = [n for n in ("fastgen-cpu", "fastgen-triton", "fastgen-torch", "faiss-cpu", "faiss-gpu",
+        sweep_impls = cpu_names + [n for n in ("fastgen-cpu", "fastgen-triton", "fastgen-torch", "faiss-cpu", "faiss-gpu",
                                    "cdist+topk") if n in impls]
         ns = 256 if args.quick else 1024
         for M in sweep:

@@ -3,12 +3,17 @@ fastgen (auto backend: the C++ kernel on CPU, Triton on GPU) against torch eager
 ``x + sigma * torch.randn_like(x)`` and torch.compile of the same formula, in one run.
 
 usage: python -m bench.spread_noise [--quick] [--device cpu|cuda] [--outdir DIR] [--no-compile]
+                                   [--isa auto|all|baseline,avx2,avx512]
 
 Cases: "scalar" (x flat, sigma a float, grad to x), "perdim" (x [n / 1024, 1024], a learned
 sigma [1024] requiring grad: the backward regenerates the noise to form grad_sigma), and
 Laplace noise (fwd, fastgen only: torch has no one-call Laplace sampler).
-Targets (issue 4): this 2-core CPU, fp32 2^24: fwd >= 3x faster than eager (143 ms measured in the
-issue); H100 fp32 2^28: fwd <= 0.80 ms (floor 0.72 ms; torch.compile 1.31 ms, eager 2.37 ms).
+Peer "torch-normal_" is torch's generator alone: normal_ into a preallocated tensor (no x, no
+sigma). --isa times fastgen's C++ kernel on each CPU path (rows fastgen-cpu[<path>]) beside the
+same peers. Targets (issue 4): this 2-core CPU, fp32 2^24: fwd >= 3x faster than eager (143 ms
+measured in the issue); issue 13: the avx2 path (FASTGEN_CPU_ISA=avx2 or --isa avx2, 2 threads)
+fwd >= 3x eager and no slower than torch-normal_; H100 fp32 2^28: fwd <= 0.80 ms (floor 0.72 ms;
+torch.compile 1.31 ms, eager 2.37 ms).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import time
 
 import torch
 
-from bench.harness import Recorder, bench, bench_backward, parser, use_compile
+from bench.harness import Recorder, bench, bench_backward, parser, use_compile, with_isa_paths
 
 import fastgen
 from fastgen import _dispatch
@@ -47,9 +52,11 @@ def main(argv=None) -> int:
     backend = _dispatch.select("spread_noise", "auto", device.type)[0]
     ours = f"fastgen-{backend}"
     compiled = torch.compile(_eager, dynamic=False) if compiled_peer else None
-    impls = {ours: lambda x, s: fastgen.spread_noise(x, s), "torch-eager": _eager}
+    impls = {ours: lambda x, s, kind="gaussian": fastgen.spread_noise(x, s, kind=kind), "torch-eager": _eager}
     if compiled is not None:
         impls["torch.compile"] = compiled
+    impls, our_names = with_isa_paths(impls, ours, args, device)
+    normal_buf = torch.empty(n, device=device)
 
     summary = []
     D = 1024
@@ -60,6 +67,11 @@ def main(argv=None) -> int:
         label = f"2^{n.bit_length() - 1} {case}"
         err = _check(x, s, "gaussian", device)
         medians = {}
+        if case == "scalar":
+            with torch.no_grad():
+                tm = bench(lambda: normal_buf.normal_(), device=device, rep_ms=rep_ms)
+            medians[("torch-normal_", "fwd")] = tm["median_ms"]
+            rec.add(label, "torch-normal_", torch.float32, "fwd", tm, note="generator alone, preallocated")
         for name, fn in impls.items():
             note = ""
             if name == "torch.compile":
@@ -81,22 +93,27 @@ def main(argv=None) -> int:
                     p_.grad = None
                 medians[(name, mode)] = tm["median_ms"]
                 rec.add(label, name, torch.float32, mode, tm,
-                        max_err=err if name == ours else "", note=note)
-        for peer in impls:
-            if peer == ours:
-                continue
-            for mode in ("fwd", "fwd+bwd"):
-                r = medians[(peer, mode)] / medians[(ours, mode)]
-                summary.append(f"{label} {mode}: {ours} {medians[(ours, mode)]:.2f} ms, {r:.2f}x faster than "
-                               f"{peer} ({medians[(peer, mode)]:.2f} ms)")
+                        max_err=err if name in our_names else "", note=note)
+        for me in our_names:
+            for peer in list(impls) + ["torch-normal_"]:
+                if peer in our_names:
+                    continue
+                for mode in ("fwd", "fwd+bwd"):
+                    if (peer, mode) not in medians:
+                        continue
+                    r = medians[(peer, mode)] / medians[(me, mode)]
+                    summary.append(f"{label} {mode}: {me} {medians[(me, mode)]:.2f} ms, {r:.2f}x faster than "
+                                   f"{peer} ({medians[(peer, mode)]:.2f} ms)")
         del x, s, params
     # Laplace forward (fastgen only)
     x = torch.randn(n, device=device)
-    with torch.no_grad():
-        tm = bench(lambda: fastgen.spread_noise(x, 0.5, kind="laplace"), device=device, rep_ms=rep_ms)
-    rec.add(f"2^{n.bit_length() - 1} scalar laplace", ours, torch.float32, "fwd", tm,
-            max_err=_check(x, 0.5, "laplace", device))
-    summary.append(f"laplace fwd: {ours} {tm['median_ms']:.2f} ms")
+    for me in our_names:
+        fn = impls[me]
+        with torch.no_grad():
+            tm = bench(lambda: fn(x, 0.5, kind="laplace"), device=device, rep_ms=rep_ms)
+        rec.add(f"2^{n.bit_length() - 1} scalar laplace", me, torch.float32, "fwd", tm,
+                max_err=_check(x, 0.5, "laplace", device))
+        summary.append(f"laplace fwd: {me} {tm['median_ms']:.2f} ms")
     if cuda:
         floor = 2 * n * 4 / 3.0e12 * 1e3
         summary.append(f"fwd floor at 3.0 TB/s: {floor:.3f} ms (read x, write y)")

@@ -39,6 +39,19 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("_spread_log_likelihood_kernel(Tensor y, Tensor samples, Tensor sigma, int kind) -> Tensor");
   m.def("_spread_log_likelihood_backward_kernel(Tensor grad_out, Tensor y, Tensor samples, Tensor sigma, "
         "Tensor out, int kind, bool need_y, bool need_samples, bool need_sigma) -> (Tensor, Tensor, Tensor)");
+
+  // ---- CPU paths (csrc/cpu/isa.cpp, csrc/cpu/isa_ops.cpp) ----
+  // The path the CPU kernels run: 0 baseline, 1 avx2, 2 avx512, 3 native (FASTGEN_NATIVE=1 build);
+  // RuntimeError when FASTGEN_CPU_ISA names a path this CPU cannot run.
+  m.def("_cpu_isa_kernel() -> int");
+  // Bit i set when path i is built into this library and runs on this CPU.
+  m.def("_cpu_isa_available_kernel() -> int");
+  // Tests and benchmarks only: run path isa from now on (-1: the load-time choice again); returns
+  // the path now in use. RuntimeError when the path is not built or the CPU lacks it.
+  m.def("_cpu_isa_set_kernel(int isa) -> int");
+  // The kernels' vector math on float32 x (fn 0 exp, 1 log, 2 exp on x <= 0, 3 log on (0, 1],
+  // 4 / 5 sin / cos(2 pi b 2^-32) of x's bits), on the path in use: for the ulp tests.
+  m.def("_cpu_vmath_kernel(Tensor x, int fn) -> Tensor");
 }
 
 // fastgen._C is also a Python module so that `import fastgen._C` loads the library above.

@@ -128,3 +128,44 @@ def ext_op(op: str):
 
     load_ext()
     return getattr(torch.ops.fastgen, op)
+
+
+# ---- CPU paths of fastgen._C (csrc/cpu/isa.cpp) ------------------------------------------------
+CPU_ISAS = ("baseline", "avx2", "avx512", "native")
+
+
+def cpu_isa() -> str:
+    """The path the CPU kernels of fastgen._C run: "baseline" (x86-64-v2), "avx2" (x86-64-v3),
+    "avx512" (x86-64-v4), or "native" (a FASTGEN_NATIVE=1 build). Chosen once when fastgen._C
+    loads, from the CPU's features, unless ``FASTGEN_CPU_ISA=baseline|avx2|avx512`` forces one.
+
+    Raises RuntimeError when fastgen._C is not loaded, or when FASTGEN_CPU_ISA names a path this
+    CPU cannot run (the message names the variable and the missing CPU features)."""
+    import torch
+
+    if load_ext() is None:
+        raise RuntimeError(f"fastgen._C is not loaded: {ext_error()}")
+    return CPU_ISAS[int(torch.ops.fastgen._cpu_isa_kernel())]
+
+
+def cpu_isas_available() -> list[str]:
+    """The paths built into fastgen._C that this CPU runs, baseline first ([] when fastgen._C is
+    not loaded)."""
+    import torch
+
+    if load_ext() is None:
+        return []
+    mask = int(torch.ops.fastgen._cpu_isa_available_kernel())
+    return [name for i, name in enumerate(CPU_ISAS) if mask >> i & 1]
+
+
+def set_cpu_isa(name: str | None) -> str:
+    """Tests and benchmarks only: run the CPU kernels on path ``name`` from now on (None: back to
+    the path chosen at load time). Not safe while kernels run in other threads. Raises
+    RuntimeError when the path is not built or this CPU lacks it. Returns the path now in use."""
+    import torch
+
+    if load_ext() is None:
+        raise RuntimeError(f"fastgen._C is not loaded: {ext_error()}")
+    isa = -1 if name is None else CPU_ISAS.index(name)
+    return CPU_ISAS[int(torch.ops.fastgen._cpu_isa_set_kernel(isa))]

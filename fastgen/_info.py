@@ -33,6 +33,16 @@ def info_lines() -> list[str]:
         lines.append(f"fastgen._C: not loaded: {_backend.ext_error()}")
     else:
         lines.append("fastgen._C: loaded (CPU kernels)")
+        import os
+
+        forced = os.environ.get("FASTGEN_CPU_ISA")
+        how = f"forced by FASTGEN_CPU_ISA={forced}" if forced else "chosen from the CPU's features"
+        try:
+            path = _backend.cpu_isa()
+        except RuntimeError as e:
+            path = f"none: {e}"
+        lines.append(f"CPU kernel path: {path} ({how}; this CPU runs: "
+                     f"{', '.join(_backend.cpu_isas_available()) or 'none'})")
     cext = _backend.load_cuda_ext()
     lines.append("fastgen._C_cuda: loaded (CUDA kernels)" if cext is not None
                  else f"fastgen._C_cuda: not loaded: {_backend.cuda_ext_error()}")

@@ -9,13 +9,13 @@
 * gpu-marked: CUDA graph capture and torch.cuda.set_sync_debug_mode("error").
 """
 import math
+import operator
 
 import pytest
 import torch
 
 import fastgen
 from fastgen._dispatch import use_backend
-from fastgen.ops import gaussian_nll as gnll
 from fastgen.ops import spread_log_likelihood as sll
 from fastgen.ops import spread_noise as sn
 
@@ -33,56 +33,52 @@ def _opcheck(op, args):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", backends_for("gaussian_nll"))
 def test_gaussian_nll_opcheck(backend):
-    fwd = torch.ops.fastgen.gaussian_nll_loss.default
-    bwd = torch.ops.fastgen.gaussian_nll_loss_backward.default
-    # (A, B, C): per-element var (1, 1, N) and var broadcast over B; need flags partly off
-    cases = [((1, 1, 30), 1, False, 0.0, (True, True, True), F64),
-             ((3, 4, 5), 2, True, 0.5, (True, False, True), F64),
-             ((3, 4, 5), 0, False, 0.5, (True, True, True), F64),
-             ((6, 5, 1), 1, True, 0.0, (False, False, True), torch.float32),
-             ((1, 1, 24), 2, False, 0.0, (True, True, False), torch.bfloat16)]
+    """opcheck on the public op fastgen::gaussian_nll_loss (what fastgen.gaussian_nll_loss calls in
+    eager and compiled code) and on its internal fused ops: per-element, row and middle-broadcast
+    var, a target wider than input, mixed dtypes, log_var / beta, every reduction."""
+    op = torch.ops.fastgen.gaussian_nll_loss.default
+    fused = torch.ops.fastgen._gaussian_nll_loss_fused.default
+    bwd = torch.ops.fastgen._gaussian_nll_loss_backward.default
+    # (input, target, var shapes), reduction, log_var, beta, dtypes (input, target, var)
+    cases = [(((5, 6), (5, 6), (5, 6)), "mean", False, 0.0, (F64, F64, F64)),
+             (((3, 4, 5), (3, 4, 5), (3, 1, 5)), "sum", True, 0.5, (F64, F64, F64)),
+             (((3, 4, 5), (3, 4, 5), (3, 4, 1)), "none", False, 0.5, (F64, F64, F64)),
+             (((4, 3), (2, 4, 3), (4, 1)), "none", False, 0.0, (F64, F64, F64)),
+             (((6, 5), (6, 5), (6, 1)), "mean", False, 0.0, (torch.bfloat16, torch.float32, torch.float32)),
+             (((24,), (24,), (24,)), "sum", False, 0.0, (torch.bfloat16,) * 3)]
     with use_backend(backend, "gaussian_nll"):
-        for (A, B, C), red, log_var, beta, need, dt in cases:
-            x = torch.randn(A * B * C, dtype=dt, requires_grad=need[0])
-            t = torch.randn(A * B * C, dtype=dt, requires_grad=need[1])
-            v = (torch.randn(A * C, dtype=dt) if log_var else torch.rand(A * C, dtype=dt) + 0.2).requires_grad_(need[2])
-            _opcheck(fwd, (x, t, v, A, B, C, True, 1e-6, log_var, beta, red, *need, True))
-            go = torch.randn(A * B * C, dtype=dt)
-            _opcheck(bwd, (go, x.detach(), t.detach(), v.detach(), A, B, C, False, 1e-6, log_var, beta, *need))
+        for (xs, ts, vs), red, log_var, beta, (dx, dt, dv) in cases:
+            x = torch.randn(xs, dtype=dx, requires_grad=True)
+            t = torch.randn(ts, dtype=dt, requires_grad=True)
+            v = (torch.randn(vs, dtype=dv) if log_var else torch.rand(vs, dtype=dv) + 0.2).requires_grad_()
+            _opcheck(op, (x, t, v, True, 1e-6, red, log_var, beta, 1))
+            # (the internal ops have no autograd: they run inside the public op's autograd kernel)
+            if red != "none":
+                _opcheck(fused, (x.detach(), t.detach(), v.detach(), False, 1e-6, red, log_var, beta, 1, True, False,
+                                 True))
+            else:
+                go = torch.randn(torch.broadcast_shapes(xs, ts, vs), dtype=F64)
+                _opcheck(bwd, (go, x.detach(), t.detach(), v.detach(), False, 1e-6, log_var, beta, True, True, True))
 
 
-@pytest.mark.parametrize("backend", backends_for("gaussian_nll"))
-def test_gaussian_nll_custom_op_path_matches_eager(backend):
-    """_via_custom_op (the torch.compile path, run eagerly) against the public eager call: values
-    and gradients, every reduction, broadcast var shapes, float64 / float16 / bf16 + fp32 mix."""
-    for dt, tol in ((F64, 1e-12), (torch.float16, 2e-3)):
-        for vshape in [(4, 6, 5), (4, 6), (4, 1, 5), "float"]:
-            for red in ("mean", "sum", "none"):
-                x = (torch.randn(4, 6, 5, dtype=F64) + 100.0).to(dt).requires_grad_()
-                t = (torch.randn(4, 6, 5, dtype=F64) + 100.0).to(dt)
-                v = 0.7 if vshape == "float" else (torch.rand(vshape, dtype=F64) + 0.1).to(dt).requires_grad_()
-                with use_backend(backend, "gaussian_nll"):
-                    want = fastgen.gaussian_nll_loss(x, t, v, full=True, reduction=red, beta=0.5)
-                    vv = gnll._check_args(x, t, v, True, 1e-6, red, False, 0.5)
-                    got = gnll._via_custom_op(x, t, vv, True, 1e-6, red, False, 0.5)
-                assert got.shape == want.shape and got.dtype == want.dtype
-                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-                leaves = [x] + ([v] if isinstance(v, torch.Tensor) else [])
-                g = torch.rand_like(want)
-                for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
-                    torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
-    # mixed dtypes and a target that needs grad
-    x = torch.randn(5, 3, dtype=torch.bfloat16, requires_grad=True)
-    t = torch.randn(5, 3, requires_grad=True)
-    v = torch.rand(5, 1, requires_grad=True) + 0.5
-    with use_backend(backend, "gaussian_nll"):
-        want = fastgen.gaussian_nll_loss(x, t, v)
-        got = gnll._via_custom_op(x, t, v, False, 1e-6, "mean", False, 0.0)
-    assert got.dtype == want.dtype == torch.float32
-    torch.testing.assert_close(got, want)
-    for a, b in zip(torch.autograd.grad(got, [x, t, v]), torch.autograd.grad(want, [x, t, v])):
-        assert a.dtype == b.dtype
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+def test_gaussian_nll_one_op_path():
+    """fastgen.gaussian_nll_loss and fastgen.nn.GaussianNLLLoss call the op fastgen::gaussian_nll_loss
+    (traced with make_fx: nothing else); with inputs that need grad and a "mean" / "sum" reduction,
+    its autograd kernel runs the fused forward-and-gradients op (the eager fast path)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, t, v = torch.randn(4, 3), torch.randn(4, 3), torch.rand(4, 1) + 0.1
+
+    def targets(fn, *a):
+        return [n.target for n in make_fx(fn)(*a).graph.nodes if n.op == "call_function"]
+
+    want = [torch.ops.fastgen.gaussian_nll_loss.default]
+    assert targets(lambda x, t, v: fastgen.gaussian_nll_loss(x, t, v), x, t, v) == want
+    assert targets(lambda x, t, v: fastgen.nn.GaussianNLLLoss(reduction="sum")(x, t, v), x, t, v) == want
+    assert targets(lambda x, t: fastgen.gaussian_nll_loss(x, t, 0.5), x, t)[-1:] == want  # after the full()
+    xg = x.clone().requires_grad_()
+    got = targets(lambda x, t, v: fastgen.gaussian_nll_loss(x, t, v), xg, t, v)
+    assert got[0] == torch.ops.fastgen._gaussian_nll_loss_fused.default and set(got[1:]) == {operator.getitem}, got
 
 
 def test_gaussian_nll_check_var_eager():

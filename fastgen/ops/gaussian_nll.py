@@ -1,33 +1,52 @@
-"""gaussian_nll_loss: a fused, drop-in torch.nn.functional.gaussian_nll_loss.
+"""gaussian_nll_loss: a fused, drop-in torch.nn.functional.gaussian_nll_loss, as ONE torch custom op.
 
-Backends (fastgen._dispatch op "gaussian_nll"):
+``fastgen.gaussian_nll_loss`` and ``fastgen.nn.GaussianNLLLoss`` validate their arguments (torch's
+rules and messages) and call the op ``fastgen::gaussian_nll_loss``, in eager mode and under
+torch.compile / torch.export alike. Registered once on that op (fastgen/_compile.py):
 
-* ``torch``: the plain formula of fastgen/reference/gaussian_nll.py (torch's own, op for op).
-* ``cpu``: fastgen._C (csrc/cpu/gaussian_nll.cpp): one OpenMP pass over memory.
-* ``triton``: the Triton kernel below (GPU; on CPU under TRITON_INTERPRET=1).
+* the implementation, which asks fastgen._dispatch (op "gaussian_nll") for the backend when it
+  runs: ``cpu`` (fastgen._C, csrc/cpu/gaussian_nll.cpp: one OpenMP pass), ``triton`` (the kernel
+  below; on CPU under TRITON_INTERPRET=1) or ``torch`` (the formula on the same plan);
+* the fake kernel (shapes and the promoted dtype);
+* the autograd kernel :class:`_NLLFunction`: backward, forward-mode AD (``jvp``), and a
+  differentiable backward (double backward, forward-over-reverse, vmap over the backward);
+* the vmap rule :func:`_vmap_rule`: one call of the op on the batched shape, then a per-sample
+  reduction (no Python loop over the batch).
 
-The two fused backends share one plan. The broadcast shape of (input, target, var) is viewed as
+Fast paths (eager and compiled): when the reduction is "mean" or "sum" and grad mode is on, the
+forward pass calls the internal op ``fastgen::_gaussian_nll_loss_fused``, which also writes the
+gradients for input, target and var in the same pass over memory (Liger-Kernel style); backward
+only scales them by grad_output (on the host for CPU tensors: nothing to do when it is 1; on
+device for CUDA). For reduction "none" backward is one fused pass, ``fastgen::
+_gaussian_nll_loss_backward``. Both run only when the backward need not be differentiable
+(:func:`fastgen._compile.fast_backward`); with ``create_graph=True`` or under a torch.func
+transform the backward is the plain-torch formula :func:`_formula_coefs` instead, with every
+derivative straight through the eps clamp (torch's rule for the first derivative).
+
+The fused backends share one plan. The broadcast shape of (input, target, var) is viewed as
 [A, B, C] with var [A, C] broadcast over B: per-element var is (1, 1, N), var [..., 1] or one
 dimension fewer is (rows, D, 1), a size-1 dimension in the middle of var ([4, 1, 32, 32] for
 input [4, 3, 32, 32]) is (4, 3, 1024). The kernels find var by index arithmetic, never by
-expanding it. When grad is enabled and the reduction is "mean" or "sum", the forward pass also
-writes the gradients for input, target (only when it requires grad) and var, in the same pass
-(Liger-Kernel style); backward scales them by grad_output (nothing to do when it is 1: the GPU
-scale kernel exits early on device). For reduction "none", backward is one fused pass with the
-per-element grad_output.
+expanding it.
 
-Host synchronisation: the negative-var check of torch needs the host. The fused kernels fold it
-into their pass (a flag), and the wrapper reads that flag once per call: that read is the one
-sync (with ``log_var=True`` there is no check and no sync). Reductions finish on the device.
+Negative var (torch's check, argument ``check_var`` of the op): the fused kernels fold it into
+their pass (a flag). Mode 1 (eager) reads that flag once per call and raises ValueError: the one
+host sync of the op on GPU. Mode 2 (what the public function passes under torch.compile) raises
+on CPU and makes the loss NaN on other devices (on device: no sync, CUDA-graph safe). Mode 0
+(``check_var=False`` or ``log_var=True``): no check. The check is inside the op, so it holds under
+torch.func.vmap too (torch's own F.gaussian_nll_loss fails there: its check is Python control
+flow on data). Reductions finish on the device.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from types import SimpleNamespace
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .. import _backend, _compile, _dispatch
@@ -44,25 +63,34 @@ except Exception:  # pragma: no cover - exercised on machines without triton
 
 _RED = {"none": 0, "mean": 1, "sum": 2}
 _HALF_LOG_2PI = _ref.HALF_LOG_2PI
+# check_var modes of the op (see the module doc)
+CHECK_OFF, CHECK_RAISE, CHECK_ON_DEVICE = 0, 1, 2
 
 
 class _ShapeError(ValueError, RuntimeError):
-    """Raised when target does not broadcast with input: a ValueError (fastgen's rule for bad
-    input) that is also the RuntimeError torch raises there."""
+    """Raised when target does not broadcast with input. Its message contains torch's ("The size
+    of tensor a (3) must match the size of tensor b (2) at non-singleton dimension 2"); it is the
+    RuntimeError torch raises there and a ValueError (fastgen's rule for bad input)."""
 
 
 # ----------------------------------------------------------------------------------------------
-# argument checks (torch's order: var type, negative var, var size, reduction)
+# argument checks of the public function (torch's order: var type, negative var, var size,
+# reduction; the target shape is checked by the op)
 # ----------------------------------------------------------------------------------------------
 def _is_real_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _any_negative(var, log_var: bool) -> bool:
-    # (error paths only; under torch.compile the other error is raised: no data-dependent read)
-    return (isinstance(var, torch.Tensor) and not log_var and var.numel() > 0 and var.device.type != "meta"
-            and not _compile.is_compiling()
-            and not var.is_complex() and bool(torch.any(var < 0)))
+    """(error paths only: which error to raise. No data-dependent read under torch.compile; under
+    torch.func.vmap the read fails and the other error is raised.)"""
+    if (not isinstance(var, torch.Tensor) or log_var or var.numel() == 0 or var.device.type == "meta"
+            or _compile.is_compiling() or var.is_complex()):
+        return False
+    try:
+        return bool(torch.any(var < 0))
+    except Exception:  # e.g. a BatchedTensor: a data-dependent read under vmap
+        return False
 
 
 def _fail(exc: Exception, var, log_var: bool):
@@ -73,8 +101,9 @@ def _fail(exc: Exception, var, log_var: bool):
 
 
 def _check_args(input, target, var, full, eps, reduction, log_var, beta):
-    """Validate everything but the sign of a var tensor (folded into the kernels). Returns var
-    as a tensor resolved to torch's shape rule, or a float."""
+    """Validate everything but the sign of a var tensor (checked inside the op) and the target's
+    shape (the op). Returns var as a tensor resolved to torch's shape rule (a float var becomes a
+    tensor of input's dtype with input's number of dimensions)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
@@ -82,7 +111,6 @@ def _check_args(input, target, var, full, eps, reduction, log_var, beta):
     if isinstance(var, float):  # torch accepts a Python float (not an int) as a homoscedastic var
         if var < 0 and not log_var:
             raise ValueError("var has negative entry/entries")
-        var = float(var)
     elif not isinstance(var, torch.Tensor):
         raise TypeError(f"var must be a torch.Tensor or a float, got {type(var).__name__}")
     if not input.dtype.is_floating_point:
@@ -117,35 +145,63 @@ def _check_args(input, target, var, full, eps, reduction, log_var, beta):
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
     if not (0 <= beta < math.inf):  # (no math.isfinite: dynamo with dynamic=True)
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    if isinstance(var, float):  # torch: var * ones_like(input): input's dtype and dimensions
+        var = torch.full((1,) * input.dim(), var, dtype=input.dtype, device=input.device)
     return var
 
 
+# ----------------------------------------------------------------------------------------------
+# shapes and the [A, B, C] plan
+# ----------------------------------------------------------------------------------------------
 def _result_dtype(input, target, var) -> torch.dtype:
     """The dtype torch's formula gives (type promotion, 0-dim rules included)."""
-    vdt = input.dtype if isinstance(var, float) else var.dtype
-    if input.dtype == target.dtype == vdt:
-        return vdt
+    if input.dtype == target.dtype == var.dtype:
+        return var.dtype
     meta = lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")  # noqa: E731
-    i, t = meta(input), meta(target)
-    v = var * torch.ones_like(i) if isinstance(var, float) else meta(var)
+    i, t, v = meta(input), meta(target), meta(var)
     return (0.5 * (torch.log(v) + (i - t) ** 2 / v)).dtype
 
 
+def _mismatch(a, b) -> str | None:
+    """torch's broadcast error text for shapes a, b (at::infer_size: the last failing dimension,
+    numbered in the broadcast shape), or None when they broadcast."""
+    nd = max(len(a), len(b))
+    for i in range(nd - 1, -1, -1):
+        ia, ib = i - (nd - len(a)), i - (nd - len(b))
+        sa = a[ia] if ia >= 0 else 1
+        sb = b[ib] if ib >= 0 else 1
+        if sa != sb and sa != 1 and sb != 1:
+            return (f"The size of tensor a ({sa}) must match the size of tensor b ({sb}) at non-singleton "
+                    f"dimension {i}")
+    return None
+
+
+def _broadcast2(a, b) -> list:
+    nd = max(len(a), len(b))
+    a, b = (1,) * (nd - len(a)) + tuple(a), (1,) * (nd - len(b)) + tuple(b)
+    return [y if x == 1 else x for x, y in zip(a, b)]
+
+
 def _broadcast_shape(input, target, var) -> torch.Size:
-    shapes = [input.shape, target.shape] + ([] if isinstance(var, float) else [var.shape])
-    if all(s == shapes[0] for s in shapes[1:]):
-        return shapes[0]
-    nd = max(len(s) for s in shapes)
-    out = [1] * nd
-    for s in shapes:  # numpy broadcasting (torch.broadcast_shapes costs ~100 us a call)
-        for i, d in enumerate(s, nd - len(s)):
-            if d != out[i]:
-                if out[i] != 1 and d != 1:
-                    raise _ShapeError(f"target of shape {tuple(target.shape)} does not broadcast with "
-                                      f"input of shape {tuple(input.shape)} (var {tuple(getattr(var, 'shape', ()))})")
-                if d != 1:
-                    out[i] = d
-    return torch.Size(out)
+    """The broadcast shape of (input, target, var); _ShapeError with torch's message otherwise
+    (torch's formula computes (input - target) ** 2 / var: a = input, b = target, then a = their
+    broadcast, b = var)."""
+    s_in, s_t, s_v = input.shape, target.shape, var.shape
+    if s_in == s_t == s_v:
+        return s_in
+    if s_in == s_t:
+        out = s_in
+    else:
+        msg = _mismatch(s_in, s_t)
+        if msg is not None:
+            raise _ShapeError(f"{msg} (target of shape {tuple(s_t)} does not broadcast with input of shape "
+                              f"{tuple(s_in)})")
+        out = _broadcast2(s_in, s_t)
+    msg = _mismatch(out, s_v)
+    if msg is not None:
+        raise _ShapeError(f"{msg} (var of shape {tuple(s_v)} does not broadcast with the shape "
+                          f"{tuple(out)} of input and target)")
+    return torch.Size(_broadcast2(out, s_v))
 
 
 def _var_plan(vshape, out_shape):
@@ -167,97 +223,43 @@ def _var_plan(vshape, out_shape):
     return A, B, n // (A * B)
 
 
-# ----------------------------------------------------------------------------------------------
-# backends
-# ----------------------------------------------------------------------------------------------
-@_dispatch.register("gaussian_nll", "torch")
-def _torch_impl(input, target, var, full, eps, reduction, log_var, beta, check_var=True):
-    """Plain formula (torch's, op for op); checks the sign of var on the host like torch."""
-    if isinstance(var, float):
-        var = var * torch.ones_like(input)
-    elif check_var and not log_var and torch.any(var < 0):
-        raise ValueError("var has negative entry/entries")
-    return _ref.nll_formula(input, target, var, full, eps, reduction, log_var, beta)
-
-
-class _FusedNLL(torch.autograd.Function):
-    """x, t [A*B*C] and v [A*C] contiguous, one dtype; k: the backend's kernels."""
-
-    @staticmethod
-    def forward(ctx, x, t, v, k, A, B, C, full, eps, log_var, beta, red, out_shape, grad_on, check_var):
-        # needs_input_grad is set under torch.no_grad() too: grad_on is the caller's grad mode
-        need_x, need_t, need_v = (bool(n) and grad_on for n in ctx.needs_input_grad[:3])
-        loss, gx, gt, gv, neg = k.forward(x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v)
-        if check_var and not log_var and bool(neg):  # the one host read of the call (a sync on GPU)
-            raise ValueError("var has negative entry/entries")
-        ctx.k, ctx.plan = k, (A, B, C, full, eps, log_var, beta, red)
-        ctx.need = (need_x, need_t, need_v)
-        ctx.stash = (gx, gt, gv) if red != 0 else None
-        ctx.save_for_backward(x, t, v)
-        return loss.view(out_shape) if red == 0 else loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        A, B, C, full, eps, log_var, beta, red = ctx.plan
-        need_x, need_t, need_v = ctx.need
-        k = ctx.k
-        stash, ctx.stash = ctx.stash, None  # hand the buffers over: autograd may keep them as .grad
-        if red == 0:
-            x, t, v = ctx.saved_tensors
-            go = grad_out.to(x.dtype).contiguous().view(-1)
-            gx, gt, gv = k.backward(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v)
-        else:
-            if stash is None:  # a second backward (retain_graph=True): recompute them
-                x, t, v = ctx.saved_tensors
-                _, gx, gt, gv, _ = k.forward(x, t, v, A, B, C, full, eps, log_var, beta, red,
-                                             need_x, need_t, need_v)
-            else:
-                gx, gt, gv = stash
-            k.scale([g for g, n in ((gx, need_x), (gt, need_t), (gv, need_v)) if n], grad_out)
-        return (gx if need_x else None, gt if need_t else None, gv if need_v else None) + (None,) * 12
-
-
-def _plan(input, target, var):
-    """Flat contiguous (x, t, v) in the result dtype and the (A, B, C) plan (see module doc)."""
-    out_shape = _broadcast_shape(input, target, var)
+def _plan(input, target, var, out_shape, dt):
+    """Flat contiguous (x, t, v) in the result dtype dt and the (A, B, C) plan (see module doc)."""
     N = math.prod(out_shape)
-    dt = _result_dtype(input, target, var)
-    x = input.to(dt)
-    t = target.to(dt)
-    if isinstance(var, float):
-        v = torch.full((1,), var, dtype=dt, device=input.device)
-        plan = (1, N, 1)
-    else:
-        v = var.to(dt)
-        plan = _var_plan(v.shape, out_shape)
-        if plan is None:  # broadcast dims of var not contiguous (only when target widens input)
-            v = v.expand(out_shape)
-            plan = (1, 1, N)
-    if x.shape != out_shape:  # target wider than input (rare): autograd sums the grad back
+    x, t, v = (a if a.dtype == dt else a.to(dt) for a in (input, target, var))
+    plan = _var_plan(v.shape, out_shape)
+    if plan is None:  # broadcast dims of var not contiguous (only when target widens input)
+        v = v.expand(out_shape)
+        plan = (1, 1, N)
+    if x.shape != out_shape:  # target wider than input (rare): the gradient is summed back
         x = x.expand(out_shape)
     if t.shape != out_shape:
         t = t.expand(out_shape)
-    return x.contiguous().view(-1), t.contiguous().view(-1), v.contiguous().view(-1), plan, out_shape
+    return x.contiguous().view(-1), t.contiguous().view(-1), v.contiguous().view(-1), plan
 
 
-def _fused(k, input, target, var, full, eps, reduction, log_var, beta, check_var=True):
-    if math.prod(_broadcast_shape(input, target, var)) == 0:
-        # empty: nothing to fuse (torch's formula gives nan / 0 / an empty tensor)
-        return _torch_impl(input, target, var, full, eps, reduction, log_var, beta, check_var)
-    x, t, v, (A, B, C), out_shape = _plan(input, target, var)
-    return _FusedNLL.apply(x, t, v, k, A, B, C, bool(full), float(eps), bool(log_var), float(beta), _RED[reduction],
-                           out_shape, torch.is_grad_enabled(), bool(check_var))
+def _grad_like(g, like, out_shape):
+    """A flat gradient over out_shape (or over like's elements) -> like's shape and dtype."""
+    if g.numel() == like.numel():
+        g = g.view(like.shape)
+    else:
+        g = g.view(out_shape).sum_to_size(like.shape)
+    return g if g.dtype == like.dtype else g.to(like.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# backends: kernels on the flat plan, registered with fastgen._dispatch as callables
+#   k("forward", x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v)
+#       -> (loss, grad_x, grad_t, grad_v, neg)   (gradients of the reduced loss, or 0-element)
+#   k("backward", go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v)
+#       -> (grad_x, grad_t, grad_v)              (reduction "none", per-element grad_output)
+# ----------------------------------------------------------------------------------------------
+class _Kernels(SimpleNamespace):
+    def __call__(self, what, *args):
+        return getattr(self, what)(*args)
 
 
 # ---- cpu: fastgen._C --------------------------------------------------------------------------
-def _cpu_scale(grads, grad_out):
-    g = float(grad_out)  # a CPU scalar: reading it is free
-    if g != 1.0:
-        for t in grads:
-            t.mul_(g)
-
-
 @_backend.fake("_gaussian_nll_kernel")
 def _(x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v):  # csrc/cpu/gaussian_nll.cpp
     grads = red != 0 and (need_x or need_t or need_v)
@@ -272,16 +274,10 @@ def _(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v):
             x.new_empty((A * C,) if need_v else (0,)))
 
 
-_CPU = SimpleNamespace(
+_CPU = _dispatch.register("gaussian_nll", "cpu")(_Kernels(
     forward=lambda *a: _backend.ext_op("_gaussian_nll_kernel")(*a),
     backward=lambda *a: _backend.ext_op("_gaussian_nll_backward_kernel")(*a),
-    scale=_cpu_scale,
-)
-
-
-@_dispatch.register("gaussian_nll", "cpu")
-def _cpu_impl(input, target, var, full, eps, reduction, log_var, beta, check_var=True):
-    return _fused(_CPU, input, target, var, full, eps, reduction, log_var, beta, check_var)
+))
 
 
 # ---- triton -----------------------------------------------------------------------------------
@@ -461,28 +457,12 @@ def _triton_backward(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, nee
     return gx, gt, gv
 
 
-def _triton_scale(grads, grad_out):
-    if not grads:
-        return
-    if grad_out.device.type != "cuda":  # interpreter on CPU: the host read is free
-        _cpu_scale(grads, grad_out)
-        return
-    go = grad_out.reshape(1)
-    BLOCK = 4096
-    for g in grads:
-        n = g.numel()
-        _scale_kernel[(triton.cdiv(n, BLOCK),)](g, go, n, CDT=_tl_cdt(g.dtype), BLOCK=BLOCK, num_warps=8)
+
+if _HAS_TRITON:
+    _dispatch.register("gaussian_nll", "triton")(_Kernels(forward=_triton_forward, backward=_triton_backward))
 
 
-_TRITON = SimpleNamespace(forward=_triton_forward, backward=_triton_backward, scale=_triton_scale)
-
-
-@_dispatch.register("gaussian_nll", "triton")
-def _triton_impl(input, target, var, full, eps, reduction, log_var, beta, check_var=True):
-    return _fused(_TRITON, input, target, var, full, eps, reduction, log_var, beta, check_var)
-
-
-# ---- torch: the formula on the flat plan, for the custom op ------------------------------------
+# ---- torch: the formula on the flat plan ------------------------------------------------------
 def _torch_terms(x, t, v, A, B, C, full, eps, log_var, beta):
     """(d, inv, lg, w, l) in the accumulation dtype (float32 for half inputs), viewed [A, B, C]."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -536,112 +516,312 @@ def _torch_backward(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need
     return tuple(g if g is not None else empty for g in (gx, gt, gv))
 
 
-_KERNELS = {"cpu": _CPU, "torch": SimpleNamespace(forward=_torch_forward, backward=_torch_backward)}
-if _HAS_TRITON:
-    _KERNELS["triton"] = _TRITON
+
+_dispatch.register("gaussian_nll", "torch")(_Kernels(forward=_torch_forward, backward=_torch_backward))
 
 
-def _kernels(device_type: str):
-    """The kernels of the backend fastgen._dispatch selects now (use_backend / FASTGEN_BACKEND)."""
-    name, _ = _dispatch.select("gaussian_nll", "auto", device_type)
-    return _KERNELS[name]
-
-
-# ----------------------------------------------------------------------------------------------
-# custom ops: what torch.compile sees (fake kernels + registered autograd; see fastgen/_compile.py)
-# ----------------------------------------------------------------------------------------------
-def _out(t, need, like):
-    return t if need else _compile.fresh_empty(like)
-
-
-@_compile.op("gaussian_nll_loss",
-             "(Tensor x, Tensor t, Tensor v, SymInt A, SymInt B, SymInt C, bool full, float eps, "
-             "bool log_var, float beta, int red, bool need_x, bool need_t, bool need_v, "
-             "bool check_var) -> (Tensor, Tensor, Tensor, Tensor)")
-def _op_forward(x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, A: int, B: int, C: int, full: bool,
-                eps: float, log_var: bool, beta: float, red: int, need_x: bool, need_t: bool, need_v: bool,
-                check_var: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat plan (see module doc) -> (loss, grad_x, grad_t, grad_var): the gradients of the
-    reduced loss (mean / sum) when requested, 0-element tensors otherwise and for "none".
-    check_var: a negative var raises ValueError on CPU (no sync there) and makes the loss NaN
-    on other devices (on device: no host sync, CUDA-graph safe)."""
-    k = _kernels(x.device.type)
-    loss, gx, gt, gv, neg = k.forward(x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v)
-    if check_var and not log_var:
-        if x.device.type == "cpu":
-            if bool(neg):
-                raise ValueError("var has negative entry/entries")
-        else:
-            loss = torch.where(neg.reshape(-1)[0] != 0, torch.full_like(loss, float("nan")), loss)
-    grads = red != 0
-    return (loss.clone() if loss is x else loss, _out(gx, grads and need_x, x), _out(gt, grads and need_t, x),
-            _out(gv, grads and need_v, x))
-
-
-@_op_forward.register_fake
-def _(x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v, check_var):
-    grads = red != 0
-    loss = x.new_empty(x.shape) if red == 0 else x.new_empty(())
-    return (loss, x.new_empty(x.shape if grads and need_x else (0,)), x.new_empty(x.shape if grads and need_t else (0,)),
-            x.new_empty(v.shape if grads and need_v else (0,)))
-
-
-@_compile.op("gaussian_nll_loss_backward",
-             "(Tensor go, Tensor x, Tensor t, Tensor v, SymInt A, SymInt B, SymInt C, bool full, "
-             "float eps, bool log_var, float beta, bool need_x, bool need_t, bool need_v) -> (Tensor, "
-             "Tensor, Tensor)")
-def _op_backward(go: torch.Tensor, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, A: int, B: int, C: int,
-                 full: bool, eps: float, log_var: bool, beta: float, need_x: bool, need_t: bool,
-                 need_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of reduction "none": go [A*B*C] -> (grad_x, grad_t, grad_var), 0-element where
-    not requested."""
-    k = _kernels(x.device.type)
-    go = go.to(x.dtype).contiguous()
-    gx, gt, gv = k.backward(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v)
-    return _out(gx, need_x, x), _out(gt, need_t, x), _out(gv, need_v, x)
-
-
-@_op_backward.register_fake
-def _(go, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v):
-    return (x.new_empty(x.shape if need_x else (0,)), x.new_empty(x.shape if need_t else (0,)),
-            x.new_empty(v.shape if need_v else (0,)))
-
-
-def _op_setup_context(ctx, inputs, output):
-    x, t, v, A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v, _ = inputs
-    ctx.plan = (A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v)
-    if red == 0:
-        ctx.save_for_backward(x, t, v)
-    else:  # the gradients came with the forward pass: backward only scales them
-        ctx.save_for_backward(*output[1:])
-
-
-def _op_autograd(ctx, grad_loss, _gx, _gt, _gv):
-    A, B, C, full, eps, log_var, beta, red, need_x, need_t, need_v = ctx.plan
-    if red == 0:
-        x, t, v = ctx.saved_tensors
-        gx, gt, gv = _op_backward(grad_loss, x, t, v, A, B, C, full, eps, log_var, beta, need_x, need_t, need_v)
+def _scale(grads, grad_out):
+    """grads *= grad_output (0-d), in place: the gradients of the fused forward pass."""
+    if type(grad_out) is not torch.Tensor:  # a traced tensor (torch.compile's backward graph)
+        return [g * grad_out.to(g.dtype) for g in grads]
+    if grad_out.device.type == "cpu":  # a CPU scalar: reading it is free
+        f = float(grad_out)
+        if f != 1.0:
+            for g in grads:
+                g.mul_(f)
+    elif _HAS_TRITON and grad_out.device.type == "cuda":  # on device, skipped there when it is 1
+        go = grad_out.reshape(1)
+        for g in grads:
+            n = g.numel()
+            if n:
+                _scale_kernel[(triton.cdiv(n, 4096),)](g.view(-1), go, n, CDT=_tl_cdt(g.dtype), BLOCK=4096,
+                                                       num_warps=8)
     else:
-        gx, gt, gv = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)  # on device: no sync
-    return (gx if need_x else None, gt if need_t else None, gv if need_v else None) + (None,) * 12
+        for g in grads:
+            g.mul_(grad_out.to(g.dtype))
+    return grads
 
 
-_op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
+# ----------------------------------------------------------------------------------------------
+# the op fastgen::gaussian_nll_loss and its internal ops
+# ----------------------------------------------------------------------------------------------
+def _check_neg(neg, mode: int, loss, device) -> torch.Tensor:
+    if mode == CHECK_OFF:
+        return loss
+    if mode == CHECK_RAISE or device.type == "cpu":
+        if bool(neg):  # the one host read of the call (a sync on GPU)
+            raise ValueError("var has negative entry/entries")
+        return loss
+    return torch.where(neg.reshape(-1)[0] != 0, torch.full_like(loss, float("nan")), loss)
 
 
-def _via_custom_op(input, target, var, full, eps, reduction, log_var, beta, check_var=True):
-    """The custom-op path (used under torch.compile; callable eagerly for tests). Arguments as
-    after _check_args."""
+def _run_forward(input, target, var, full, eps, reduction, log_var, beta, check_var, need=(False, False, False)):
+    """Loss (and, for "mean" / "sum", the requested gradients in the inputs' shapes and dtypes,
+    else 0-element tensors) on the backend that fastgen._dispatch selects now."""
+    if reduction not in _RED:
+        raise ValueError(f"{reduction} is not valid: reduction must be 'none', 'mean' or 'sum'")
+    red = _RED[reduction]
+    try:
+        out_shape = _broadcast_shape(input, target, var)
+    except _ShapeError:
+        if check_var != CHECK_OFF and _any_negative(var, log_var):  # torch checks the sign of var first
+            raise ValueError("var has negative entry/entries") from None
+        raise
+    dt = _result_dtype(input, target, var)
+    need = tuple(bool(n) and red != 0 for n in need)
+    if math.prod(out_shape) == 0:  # empty: torch's values (nan mean, 0 sum, empty "none")
+        loss = _ref.nll_formula(input.to(dt), target.to(dt), var.to(dt), full, eps, reduction, log_var, beta)
+        grads = [torch.zeros_like(a) if n else a.new_empty(0) for a, n in zip((input, target, var), need)]
+        return (loss.clone(), *grads)
+    x, t, v, (A, B, C) = _plan(input, target, var, out_shape, dt)
+    loss, gx, gt, gv, neg = _dispatch.run("gaussian_nll", ("forward", x, t, v, A, B, C, bool(full), float(eps),
+                                                          bool(log_var), float(beta), red, *need),
+                                          device_type=input.device.type)
+    loss = _check_neg(neg, check_var if not log_var else CHECK_OFF, loss, input.device)
+    grads = [_grad_like(g, a, out_shape) if n else a.new_empty(0)
+             for g, a, n in zip((gx, gt, gv), (input, target, var), need)]
+    return (loss.view(out_shape) if red == 0 else loss, *grads)
+
+
+def _loss_fake(input, target, var, full, eps, reduction, log_var, beta, check_var):
+    if reduction not in _RED:
+        raise ValueError(f"{reduction} is not valid: reduction must be 'none', 'mean' or 'sum'")
     out_shape = _broadcast_shape(input, target, var)
-    if math.prod(out_shape) == 0:  # empty: torch's formula (nan / 0 / an empty tensor)
-        v = var * torch.ones_like(input) if isinstance(var, float) else var
-        return _ref.nll_formula(input, target, v, full, eps, reduction, log_var, beta)
-    x, t, v, (A, B, C), out_shape = _plan(input, target, var)
-    grad_on = torch.is_grad_enabled()
-    loss, _, _, _ = _op_forward(x, t, v, A, B, C, bool(full), float(eps), bool(log_var), float(beta),
-                                _RED[reduction], grad_on and x.requires_grad, grad_on and t.requires_grad,
-                                grad_on and v.requires_grad, bool(check_var))
-    return loss.view(out_shape) if reduction == "none" else loss
+    dt = _result_dtype(input, target, var)
+    return input.new_empty(out_shape if reduction == "none" else (), dtype=dt)
+
+
+def _loss_impl(input, target, var, full, eps, reduction, log_var, beta, check_var):
+    return _run_forward(input, target, var, full, eps, reduction, log_var, beta, check_var)[0]
+
+
+@_compile.op("_gaussian_nll_loss_fused",
+             "(Tensor input, Tensor target, Tensor var, bool full, float eps, str reduction, bool log_var, "
+             "float beta, int check_var, bool need_input, bool need_target, bool need_var) "
+             "-> (Tensor, Tensor, Tensor, Tensor)")
+def _fused_op(input, target, var, full, eps, reduction, log_var, beta, check_var, need_input, need_target,
+              need_var):
+    """Forward pass of reduction "mean" / "sum" that also writes the gradients of the loss for the
+    inputs that need them (in their shapes and dtypes; 0-element tensors for the others)."""
+    return _run_forward(input, target, var, full, eps, reduction, log_var, beta, check_var,
+                        (need_input, need_target, need_var))
+
+
+@_fused_op.register_fake
+def _(input, target, var, full, eps, reduction, log_var, beta, check_var, need_input, need_target, need_var):
+    loss = _loss_fake(input, target, var, full, eps, reduction, log_var, beta, check_var)
+    red = reduction != "none"
+    return (loss, *(a.new_empty(a.shape if (n and red) else (0,)) for a, n in
+                    zip((input, target, var), (need_input, need_target, need_var))))
+
+
+@_compile.op("_gaussian_nll_loss_backward",
+             "(Tensor grad_out, Tensor input, Tensor target, Tensor var, bool full, float eps, bool log_var, "
+             "float beta, bool need_input, bool need_target, bool need_var) -> (Tensor, Tensor, Tensor)")
+def _backward_op(grad_out, input, target, var, full, eps, log_var, beta, need_input, need_target, need_var):
+    """Fused backward of reduction "none": grad_out of the broadcast shape -> the gradients for
+    input, target and var (their shapes and dtypes; 0-element tensors where not requested). Not
+    differentiable: used only when :func:`fastgen._compile.fast_backward`."""
+    need = (need_input, need_target, need_var)
+    out_shape = _broadcast_shape(input, target, var)
+    if math.prod(out_shape) == 0:
+        return tuple(torch.zeros_like(a) if n else a.new_empty(0) for a, n in zip((input, target, var), need))
+    dt = _result_dtype(input, target, var)
+    x, t, v, (A, B, C) = _plan(input, target, var, out_shape, dt)
+    go = grad_out.to(dt).expand(out_shape).contiguous().view(-1)
+    grads = _dispatch.run("gaussian_nll", ("backward", go, x, t, v, A, B, C, bool(full), float(eps), bool(log_var),
+                                           float(beta), *need), device_type=input.device.type)
+    return tuple(_grad_like(g, a, out_shape) if n else a.new_empty(0)
+                 for g, a, n in zip(grads, (input, target, var), need))
+
+
+@_backward_op.register_fake
+def _(grad_out, input, target, var, full, eps, log_var, beta, need_input, need_target, need_var):
+    return tuple(a.new_empty(a.shape if n else (0,)) for a, n in
+                 zip((input, target, var), (need_input, need_target, need_var)))
+
+
+_FUSED = torch.ops.fastgen._gaussian_nll_loss_fused.default
+_BACKWARD = torch.ops.fastgen._gaussian_nll_loss_backward.default
+
+
+def _below_autograd(op, *args):
+    # (the OpOverload below the Autograd key: not through custom_op's Python wrappers, which cost
+    # more than the kernel on small inputs; the callers run where no gradient flows)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+# ---- the differentiable formula (double backward, forward-mode AD, torch.func) ----------------
+def _st_clamp(v, eps):
+    """max(v, eps) whose derivatives of every order pass straight through the clamp (torch clamps
+    a clone under no_grad: the same first derivative). Exactly the clamped value: the
+    straight-through term is an exact zero (0 where v is not finite)."""
+    zero = torch.where(torch.isfinite(v), v - v.detach(), torch.zeros_like(v))
+    return v.detach().clamp(min=eps) + zero
+
+
+def _formula_coefs(x, t, v, eps, log_var, beta):
+    """(dl/dinput, dl/dvar) per element of the broadcast shape, with plain differentiable torch
+    ops (dl/dtarget = -dl/dinput). x, t, v in the result dtype."""
+    d = x - t
+    if log_var:
+        inv = torch.exp(-v)
+        gi, gv = d * inv, 0.5 * (1.0 - d * d * inv)
+        w = torch.exp(beta * v.detach()) if beta != 0.0 else None
+    else:
+        vc = _st_clamp(v, eps)
+        inv = 1.0 / vc
+        gi = d * inv
+        gv = 0.5 * inv * (1.0 - d * gi)
+        w = vc.detach() ** beta if beta != 0.0 else None
+    if w is not None:  # beta-NLL: the weight stop_grad(var) ** beta is a constant
+        gi, gv = w * gi, w * gv
+    return gi, gv
+
+
+def _fast_backward(grad_out) -> bool:
+    """fastgen._compile.fast_backward(), and grad_out is not a BatchedTensor of the legacy vmap
+    (torch._vmap_internals: gradcheck's check_batched_grad), which leaves grad mode off and no
+    functorch transform active."""
+    return _compile.fast_backward() and not torch._C._functorch.is_legacy_batchedtensor(grad_out)
+
+
+class _NLLFunction(_compile.OpFunction):
+    """Autograd kernel of fastgen::gaussian_nll_loss (arguments: the op's, then the caller's grad
+    mode, appended by :func:`_autograd_kernel`)."""
+
+    @staticmethod
+    def forward(ctx, input, target, var, full, eps, reduction, log_var, beta, check_var, grad_on):
+        red = _RED.get(reduction, -1)
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        ctx.args = (full, eps, reduction, log_var, beta)
+        ctx.stash = None
+        ctx.save_for_backward(input, target, var)
+        ctx.save_for_forward(input, target, var)
+        if grad_on and red > 0 and any(need) and not torch._C._are_functorch_transforms_active():
+            # gradients in the forward pass (fast path; not under vmap: the fused op has no vmap rule)
+            loss, *grads = _below_autograd(_FUSED, input, target, var, full, eps, reduction, log_var, beta, check_var,
+                                           *need)
+            ctx.stash = grads
+        elif torch._C._are_functorch_transforms_active():
+            # Function.apply runs forward with grad mode and forward grad off, but the op below
+            # this level must still be recorded by the outer torch.func levels (the output of a
+            # vjp / jvp differentiated again, jacrev(grad(f))): turn both back on, as
+            # torch._functorch.autograd_function does (and fastgen._compile.OpFunction).
+            with torch.enable_grad(), _set_fwd_grad_enabled(True), torch._C._AutoDispatchBelowAutograd():
+                loss = _NLLFunction.op(input, target, var, full, eps, reduction, log_var, beta, check_var)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                loss = _NLLFunction.op(input, target, var, full, eps, reduction, log_var, beta, check_var)
+        # the fused backward passes run on the forward's backend: use_backend / FASTGEN_BACKEND may
+        # have changed by then (None: "auto")
+        ctx.backend = _dispatch._override("gaussian_nll")
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, target, var = ctx.saved_tensors
+        full, eps, reduction, log_var, beta = ctx.args
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        stash, ctx.stash = ctx.stash, None  # hand the buffers over: autograd may keep them as .grad
+        if _fast_backward(grad_out):
+            with _dispatch.use_backend(ctx.backend, "gaussian_nll") if ctx.backend else contextlib.nullcontext():
+                if reduction != "none":
+                    if stash is None:  # a second backward (retain_graph=True): recompute them
+                        stash = _below_autograd(_FUSED, input, target, var, full, eps, reduction, log_var, beta,
+                                                CHECK_OFF, *need)[1:]
+                    grads = _scale([g for g, n in zip(stash, need) if n], grad_out)
+                    it = iter(grads)
+                    grads = [next(it) if n else None for n in need]
+                else:
+                    grads = _below_autograd(_BACKWARD, grad_out, input, target, var, full, eps, log_var, beta, *need)
+        else:
+            grads = _formula_backward(grad_out, input, target, var, eps, reduction, log_var, beta, need)
+        return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, d_input, d_target, d_var, *_):
+        _compile.forbid_forward_over_forward("gaussian_nll_loss")  # else the 2nd-order term is lost
+        input, target, var = ctx.saved_tensors
+        full, eps, reduction, log_var, beta = ctx.args
+        dt = _result_dtype(input, target, var)
+        gi, gv = _formula_coefs(input.to(dt), target.to(dt), var.to(dt), eps, log_var, beta)
+        out = None
+        for tan, coef in ((d_input, gi), (d_target, -gi), (d_var, gv)):
+            if tan is not None:
+                term = coef * tan.to(dt)
+                out = term if out is None else out + term
+        out_shape = _broadcast_shape(input, target, var)
+        if out is None:
+            out = torch.zeros(out_shape, dtype=dt, device=input.device)
+        elif out.shape != out_shape:
+            out = out.expand(out_shape)
+        if reduction == "mean":
+            return out.sum() / math.prod(out_shape)
+        if reduction == "sum":
+            return out.sum()
+        return out.contiguous()
+
+
+def _formula_backward(grad_out, input, target, var, eps, reduction, log_var, beta, need):
+    dt = _result_dtype(input, target, var)
+    out_shape = _broadcast_shape(input, target, var)
+    gi, gv = _formula_coefs(input.to(dt), target.to(dt), var.to(dt), eps, log_var, beta)
+    g = grad_out.to(dt)
+    if reduction == "mean":
+        g = g / math.prod(out_shape)
+    out = []
+    for a, coef, n in ((input, gi, need[0]), (target, -gi, need[1]), (var, gv, need[2])):
+        if not n:
+            out.append(None)
+            continue
+        ga = g * coef
+        if ga.shape != out_shape:
+            ga = ga.expand(out_shape)
+        out.append(ga.sum_to_size(a.shape).to(a.dtype))
+    return out
+
+
+def _vmap_rule(info, in_dims, input, target, var, full, eps, reduction, log_var, beta, check_var):
+    """torch.func.vmap: one call of the op (reduction "none") on the batched shape, then the
+    per-sample mean / sum. Unbatched arguments get a leading dimension of size 1 (broadcast, not
+    copied)."""
+    ts = (input, target, var)
+    nd = max(a.dim() - (d is not None) for a, d in zip(ts, in_dims[:3]))
+    moved = []
+    for a, d in zip(ts, in_dims[:3]):
+        a = a.unsqueeze(0) if d is None else a.movedim(d, 0)
+        pad = nd - (a.dim() - 1)
+        moved.append(a.reshape(a.shape[0], *(1,) * pad, *a.shape[1:]) if pad else a)
+    out = gaussian_nll_loss_op(*moved, full, eps, "none", log_var, beta, check_var)
+    if reduction == "none":
+        return out, 0
+    if reduction not in _RED:
+        raise ValueError(f"{reduction} is not valid: reduction must be 'none', 'mean' or 'sum'")
+    flat = out.reshape(out.shape[0], -1)
+    return (flat.mean(1) if reduction == "mean" else flat.sum(1)), 0
+
+
+gaussian_nll_loss_op = _compile.define(
+    "gaussian_nll_loss",
+    # (no default values: the dispatcher drops trailing arguments equal to their default before it
+    # calls a Python kernel)
+    "(Tensor input, Tensor target, Tensor var, bool full, float eps, str reduction, bool log_var, float beta, "
+    "int check_var) -> Tensor",
+    _loss_impl, fake=_loss_fake, vmap=_vmap_rule)
+_NLLFunction.op = gaussian_nll_loss_op
+_apply = super(torch.autograd.Function, _NLLFunction).apply  # the single-level Function.apply
+
+
+def _autograd_kernel(*args):
+    # as fastgen._compile.define's autograd kernel, plus the caller's grad mode (the forward runs
+    # with grad disabled and cannot see it): the fused gradients are computed only when it is on
+    with enable_single_level_autograd_function():
+        return _apply(*args, torch.is_grad_enabled())
+
+
+_compile.LIB.impl("gaussian_nll_loss", _autograd_kernel, "Autograd")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -667,15 +847,16 @@ def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"
         var: variance, a tensor of input's shape, or with one dimension fewer, or with exactly one
             dimension of size 1 (homoscedastic), or a Python float. Log-variance when ``log_var``.
         full: add the constant :math:`\tfrac12\log 2\pi` per element.
-        eps: lower clamp of var (not applied with ``log_var``); the gradient ignores the clamp.
+        eps: lower clamp of var (not applied with ``log_var``); every derivative ignores the clamp.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         log_var: the third argument is :math:`\log \mathrm{var}` (no clamp, no sign check).
         beta: beta-NLL exponent >= 0 (0: plain NLL; 0.5 is the paper's recommendation).
-        check_var: raise ValueError for a negative entry of a var tensor (torch's check). It is
-            the one host synchronisation of the op on GPU; ``check_var=False`` (or
-            ``log_var=True``) skips it, so the call can be captured in a CUDA graph. Under
-            ``torch.compile`` the check never breaks the graph: on CPU it still raises, on
-            GPU a negative var makes the loss NaN instead (on device, no sync).
+        check_var: raise ValueError for a negative entry of a var tensor (torch's check, done
+            inside the op, so also under ``torch.func.vmap``). It is the one host synchronisation
+            of the op on GPU; ``check_var=False`` (or ``log_var=True``) skips it, so the call can
+            be captured in a CUDA graph. Under ``torch.compile`` the check never breaks the graph:
+            on CPU it still raises, on GPU a negative var makes the loss NaN instead (on device,
+            no sync).
 
     Returns:
         a 0-d tensor (mean / sum) or a tensor of the broadcast shape (``"none"``), in the dtype
@@ -683,20 +864,24 @@ def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"
 
     Raises:
         ValueError: negative var ("var has negative entry/entries"), var of incorrect size,
-            an invalid reduction, beta < 0, inputs on different devices, target not broadcastable.
+            an invalid reduction, beta < 0, inputs on different devices.
+        RuntimeError (also a ValueError): target not broadcastable with input; the message
+            contains torch's ("The size of tensor a (3) must match the size of tensor b (2) at
+            non-singleton dimension 2").
         TypeError: input / target not tensors, var neither a tensor nor a float, non-floating
             input or var, non-string reduction, non-numeric eps / beta.
 
-    Gradients for input, target and var. The fused backends are differentiable once (no
-    double backward). The negative-var check reads one flag on the host per call (one sync on
-    GPU; none with ``log_var=True`` or ``check_var=False``).
-
-    PyTorch integration: under ``torch.compile`` the call is the custom op
-    ``torch.ops.fastgen.gaussian_nll_loss`` (fake kernel, registered autograd; the backend is
-    still chosen by fastgen._dispatch when it runs): ``fullgraph=True`` works. Autocast does not
-    recast the inputs: float16 / bfloat16 are read as they are, accumulated in float32, and
-    the result has the promoted input dtype. Deterministic: the same inputs give bitwise the
-    same loss and gradients on every backend (fixed-order reductions, no float atomics).
+    Autograd and torch.func: one custom op, ``torch.ops.fastgen.gaussian_nll_loss``, in eager
+    mode and under ``torch.compile(fullgraph=True)`` / ``torch.export`` (fake kernel; the backend
+    is chosen by fastgen._dispatch when it runs). Gradients for input, target and var; double
+    backward and forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``),
+    ``torch.func.vmap`` (one launch on the batched shape), ``vmap(grad(f))`` per-sample gradients,
+    ``jacrev`` / ``jacfwd`` / ``hessian``. In a plain ``backward()`` the fused kernels give the
+    gradients (computed in the forward pass for "mean" / "sum"); with ``create_graph=True`` or
+    under a torch.func transform a differentiable plain-torch formula does. Autocast does not
+    recast the inputs: float16 / bfloat16 are read as they are, accumulated in float32, and the
+    result has the promoted input dtype. Deterministic: the same inputs give bitwise the same loss
+    and gradients on every backend (fixed-order reductions, no float atomics).
     """
     if has_torch_function_variadic(input, target, var):
         return handle_torch_function(gaussian_nll_loss, (input, target, var), input, target, var, full=full,
@@ -704,9 +889,8 @@ def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"
                                      check_var=check_var)
     log_var = bool(log_var)
     var = _check_args(input, target, var, full, eps, reduction, log_var, beta)
-    _broadcast_shape(input, target, var)  # target must broadcast with input (every backend)
-    if _compile.is_compiling():  # one opaque custom op: no graph break, backend chosen at run time
-        return _via_custom_op(input, target, var, bool(full), float(eps), reduction, log_var, float(beta),
-                              bool(check_var))
-    _, impl = _dispatch.select("gaussian_nll", "auto", input.device.type)
-    return impl(input, target, var, bool(full), float(eps), reduction, log_var, float(beta), bool(check_var))
+    if not check_var or log_var:
+        mode = CHECK_OFF
+    else:
+        mode = CHECK_ON_DEVICE if _compile.is_compiling() else CHECK_RAISE
+    return gaussian_nll_loss_op(input, target, var, bool(full), float(eps), reduction, log_var, float(beta), mode)

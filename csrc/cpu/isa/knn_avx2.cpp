@@ -1,0 +1,5 @@
+// knn compute code, AVX2 + FMA path (x86-64-v3). See csrc/cpu/isa_begin.h.
+#if defined(__x86_64__) && !defined(FASTGEN_NATIVE_BUILD)
+#define FASTGEN_ISA 1
+#include "../knn_kernel.h"
+#endif
