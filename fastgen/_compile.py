@@ -81,6 +81,14 @@ def define(name: str, schema: str, impl, *, fake, autograd: type[OpFunction] | N
     overload = getattr(torch.ops.fastgen, name).default
     if autograd is not None:
         autograd.op = overload
+        if "jvp" in vars(autograd):  # every op: forward-over-forward raises instead of a missing term
+            _jvp = vars(autograd)["jvp"].__func__
+
+            def jvp(ctx, *tangents, _jvp=_jvp, _name=name):
+                forbid_forward_over_forward(_name)
+                return _jvp(ctx, *tangents)
+
+            autograd.jvp = staticmethod(jvp)
         apply = super(torch.autograd.Function, autograd).apply  # the single-level Function.apply
 
         def autograd_kernel(*args):
@@ -113,3 +121,17 @@ def is_compiling() -> bool:
 def fresh_empty(like: torch.Tensor) -> torch.Tensor:
     """A new 0-element tensor: a custom op may not return one tensor twice or alias an input."""
     return like.new_empty(0)
+
+
+def forbid_forward_over_forward(name: str) -> None:
+    """Call at the top of an :class:`OpFunction` ``jvp``: raise NotImplementedError when two
+    forward-mode transforms are nested (``jacfwd(jacfwd(f))``, ``jvp`` of ``jvp``). The jvp
+    formula then runs below the outer forward level, which does not see it: the second-order
+    term would be silently missing (as for torch's own autograd.Function jvp). Forward-over-
+    reverse (``jacfwd(jacrev(f))`` = ``torch.func.hessian``) and reverse-over-forward work."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if sum(1 for i in stack if i.key() == torch._C._functorch.TransformType.Jvp) >= 2:
+        raise NotImplementedError(
+            f"fastgen.{name}: forward-over-forward AD (jacfwd(jacfwd(f)), jvp of jvp) is not supported "
+            "(the op's jvp formula is not itself forward-differentiable); use torch.func.hessian / "
+            "jacfwd(jacrev(f)) or jacrev(jacrev(f))")
