@@ -48,6 +48,10 @@ def _extensions():
         print("fastgen: torch not importable at build time; skipping fastgen._C")
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
+    # An in-place build from before the stable ABI left fastgen/_C*.cpython-*.so behind: Python
+    # prefers that suffix to .abi3.so, so the stale library would shadow the new one.
+    for stale in glob.glob(os.path.join(here, "fastgen", "_C*.cpython-*.so")):
+        os.remove(stale)
     # CPU sources: the tensor boundaries csrc/cpu/<op>.cpp, the path selection csrc/cpu/isa.cpp,
     # and the compute code once per instruction set, csrc/cpu/isa/<op>_<isa>.cpp (each sets its
     # target with a pragma, so one flag set compiles them all; the avx2 / avx512 files are empty
