@@ -28,6 +28,7 @@ if not hasattr(torch.library, "register_vmap"):  # pragma: no cover - torch < 2.
     raise ImportError(f"fastgen needs torch >= 2.4 (torch.library.register_vmap); found torch {torch.__version__}")
 
 from torch._functorch.utils import enable_single_level_autograd_function  # noqa: E402
+from torch.autograd import forward_ad as _fwAD  # noqa: E402
 from torch.autograd.forward_ad import _set_fwd_grad_enabled  # noqa: E402
 
 LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # (fastgen._C holds the DEF of the C++ kernels)
@@ -65,6 +66,17 @@ class OpFunction(torch.autograd.Function):
             return cls.op(*args)
 
 
+def needs_autograd(args) -> bool:
+    """Whether an autograd kernel must record this call: a torch.func transform is active, a
+    forward-AD dual level is open (``torch.autograd.forward_ad.dual_level``), or grad mode is on and
+    a tensor argument requires grad. When not, the op runs below autograd directly, without an
+    ``autograd.Function`` node (as torch.library.custom_op's own autograd kernel does): the per-call
+    cost of inference / no-grad calls stays that of the op."""
+    if torch._C._are_functorch_transforms_active() or _fwAD._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+
+
 def fast_backward() -> bool:
     """True in a backward that need not be differentiable (no create_graph, no torch.func
     transform): a fused, non-differentiable backward kernel may run."""
@@ -92,6 +104,9 @@ def define(name: str, schema: str, impl, *, fake, autograd: type[OpFunction] | N
         apply = super(torch.autograd.Function, autograd).apply  # the single-level Function.apply
 
         def autograd_kernel(*args):
+            if not needs_autograd(args):  # nothing can record this call: no Function node
+                with torch._C._AutoDispatchBelowAutograd():
+                    return overload(*args)
             with enable_single_level_autograd_function():
                 return apply(*args)
 

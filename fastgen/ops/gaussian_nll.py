@@ -818,6 +818,9 @@ _apply = super(torch.autograd.Function, _NLLFunction).apply  # the single-level 
 def _autograd_kernel(*args):
     # as fastgen._compile.define's autograd kernel, plus the caller's grad mode (the forward runs
     # with grad disabled and cannot see it): the fused gradients are computed only when it is on
+    if not _compile.needs_autograd(args):  # nothing can record this call: no Function node
+        with torch._C._AutoDispatchBelowAutograd():
+            return gaussian_nll_loss_op(*args)
     with enable_single_level_autograd_function():
         return _apply(*args, torch.is_grad_enabled())
 
