@@ -28,6 +28,7 @@ if not hasattr(torch.library, "register_vmap"):  # pragma: no cover - torch < 2.
     raise ImportError(f"fastgen needs torch >= 2.4 (torch.library.register_vmap); found torch {torch.__version__}")
 
 from torch._functorch.utils import enable_single_level_autograd_function  # noqa: E402
+from torch.autograd import forward_ad as _fwAD  # noqa: E402
 from torch.autograd.forward_ad import _set_fwd_grad_enabled  # noqa: E402
 
 LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # (fastgen._C holds the DEF of the C++ kernels)
@@ -65,6 +66,17 @@ class OpFunction(torch.autograd.Function):
             return cls.op(*args)
 
 
+def needs_autograd(args) -> bool:
+    """Whether an autograd kernel must record this call: a torch.func transform is active, a
+    forward-AD dual level is open (``torch.autograd.forward_ad.dual_level``), or grad mode is on and
+    a tensor argument requires grad. When not, the op runs below autograd directly, without an
+    ``autograd.Function`` node (as torch.library.custom_op's own autograd kernel does): the per-call
+    cost of inference / no-grad calls stays that of the op."""
+    if torch._C._are_functorch_transforms_active() or _fwAD._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+
+
 def fast_backward() -> bool:
     """True in a backward that need not be differentiable (no create_graph, no torch.func
     transform): a fused, non-differentiable backward kernel may run."""
@@ -81,9 +93,20 @@ def define(name: str, schema: str, impl, *, fake, autograd: type[OpFunction] | N
     overload = getattr(torch.ops.fastgen, name).default
     if autograd is not None:
         autograd.op = overload
+        if "jvp" in vars(autograd):  # every op: forward-over-forward raises instead of a missing term
+            _jvp = vars(autograd)["jvp"].__func__
+
+            def jvp(ctx, *tangents, _jvp=_jvp, _name=name):
+                forbid_forward_over_forward(_name)
+                return _jvp(ctx, *tangents)
+
+            autograd.jvp = staticmethod(jvp)
         apply = super(torch.autograd.Function, autograd).apply  # the single-level Function.apply
 
         def autograd_kernel(*args):
+            if not needs_autograd(args):  # nothing can record this call: no Function node
+                with torch._C._AutoDispatchBelowAutograd():
+                    return overload(*args)
             with enable_single_level_autograd_function():
                 return apply(*args)
 
@@ -113,3 +136,17 @@ def is_compiling() -> bool:
 def fresh_empty(like: torch.Tensor) -> torch.Tensor:
     """A new 0-element tensor: a custom op may not return one tensor twice or alias an input."""
     return like.new_empty(0)
+
+
+def forbid_forward_over_forward(name: str) -> None:
+    """Call at the top of an :class:`OpFunction` ``jvp``: raise NotImplementedError when two
+    forward-mode transforms are nested (``jacfwd(jacfwd(f))``, ``jvp`` of ``jvp``). The jvp
+    formula then runs below the outer forward level, which does not see it: the second-order
+    term would be silently missing (as for torch's own autograd.Function jvp). Forward-over-
+    reverse (``jacfwd(jacrev(f))`` = ``torch.func.hessian``) and reverse-over-forward work."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if sum(1 for i in stack if i.key() == torch._C._functorch.TransformType.Jvp) >= 2:
+        raise NotImplementedError(
+            f"fastgen.{name}: forward-over-forward AD (jacfwd(jacfwd(f)), jvp of jvp) is not supported "
+            "(the op's jvp formula is not itself forward-differentiable); use torch.func.hessian / "
+            "jacfwd(jacrev(f)) or jacrev(jacrev(f))")

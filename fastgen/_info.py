@@ -1,4 +1,9 @@
-"""`fastgen info`: what this machine can run, and why a backend is missing."""
+"""`fastgen info`: what this machine can run, and why a backend is missing.
+
+Also lists the GPU kernel backends that failed to compile or launch in this process and that
+"auto" therefore stopped using (``fastgen._dispatch.failures()``, the safe fallback): call
+:func:`print_info` in the process that saw the failure (the command line starts a fresh one).
+"""
 from __future__ import annotations
 
 import platform
@@ -52,7 +57,14 @@ def info_lines() -> list[str]:
             why = "no CUDA device on this machine"
         status = "available" if why is None else f"missing: {why}"
         lines.append(f"{op:<24}{dev:<8}{name:<9}{status}")
+    fails = _dispatch.failures()
     lines.append("")
+    if fails:
+        lines.append("GPU kernels that failed in this process ('auto' uses the next backend for them):")
+        for (op, name, dev), why in sorted(fails.items()):
+            lines.append(f"  {op} {name} on {dev}: {why}")
+    else:
+        lines.append("GPU kernels that failed in this process: none")
     lines.append("auto picks, on this machine's CPU: " + ", ".join(
         f"{op}={_dispatch.select(op, 'auto', 'cpu')[0]}" for op in _dispatch.ORDER))
     return lines

@@ -8,6 +8,10 @@
         samples drawn for the test split's conditions, see CONDITIONAL_METHODS).
     fastgen info
         Which backends this machine can run, and why any is missing.
+    fastgen check [--device cpu|cuda] [--ops knn,...] [--quick] [--json FILE]
+        Every available backend of every public op against the reference (values, gradients,
+        adversarial inputs) and timed beside torch eager / torch.compile / faiss; exit status 0
+        only when all are right (fastgen/check.py).
 
 A run folder holds samples.png, loss.png, samples.npy, metrics.json, model.pt (generator
 state_dict, config and the data scale), for the IMLE methods checkpoint.pt (everything needed
@@ -376,8 +380,15 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None, help="run folder (overrides --runs-dir/--name)")
     _add_common(t)
     sub.add_parser("info", help="backends available on this machine, and why any is missing")
+    from fastgen import check as _check
+
+    c = sub.add_parser("check", help="every backend of every op against the reference, and timed beside its "
+                       "peers; exit 0 only when all available backends are right")
+    _check.add_arguments(c)
     a = p.parse_args(argv)
 
+    if a.cmd == "check":
+        return _check.run_main(a, c)
     if a.cmd == "info":
         from fastgen._info import print_info
 

@@ -321,3 +321,16 @@ def test_compile_fullgraph_with_backward(backend):
     torch.testing.assert_close(got, want)
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a, b)
+
+
+def test_forward_over_forward_raises():
+    f = _f("torch", "gaussian")
+    y, x, s = _func_inputs(3)
+    with pytest.raises(NotImplementedError, match="forward-over-forward"):
+        torch.func.jacfwd(torch.func.jacfwd(lambda y: f(y, x, s).sum()))(y)
+    v = torch.randn_like(y)
+    with pytest.raises(NotImplementedError, match="forward-over-forward"):
+        torch.func.jvp(lambda y: torch.func.jvp(lambda y: f(y, x, s), (y,), (v,))[1], (y,), (v,))
+    # reverse-over-forward is fine
+    h = torch.func.jacrev(torch.func.jacfwd(lambda y: f(y, x, s).sum()))(y)
+    torch.testing.assert_close(h, torch.func.hessian(lambda y: _ref("gaussian")(y, x, s).sum())(y))

@@ -499,3 +499,13 @@ def test_compile_fullgraph_with_backward(backend):
     assert torch.isfinite(eps).all() and eps.std() > 0.5
     assert torch.equal(gx, w)
     torch.testing.assert_close(gs, (eps * w).sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_forward_over_forward_raises():
+    # jacfwd(jacfwd(f)) would miss the derivative of the jvp formula: an error, not a wrong answer;
+    # forward-over-reverse (torch.func.hessian) is the supported second order
+    f = _fixed("torch", "gaussian")
+    x, s = _func_inputs((4,))
+    with pytest.raises(NotImplementedError, match="forward-over-forward"):
+        torch.func.jacfwd(torch.func.jacfwd(lambda s: (f(x, s) ** 3).sum()))(s)
+    torch.func.jacfwd(torch.func.jacrev(lambda s: (f(x, s) ** 3).sum()))(s)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA kernels without a GPU and without a CUDA build of torch: nvcc -c of every
 # csrc/cuda/*.cu with torch's include paths and BuildExtension's nvcc flags, for each architecture
-# given (default: 80 90), printing ptxas register / spill reports. It cannot link (a CPU torch wheel
+# given (default: 80 90 100), printing ptxas register / spill reports. It cannot link (a CPU torch wheel
 # has no libtorch_cuda): this checks that the code compiles, not that it runs.
 # usage: bash csrc/cuda/compile_check.sh [ARCH ...]      (from the repository root, venv active)
 # Fails when nvcc fails or reports a warning in csrc/cuda (warnings from torch's headers are shown
@@ -11,7 +11,7 @@ set -euo pipefail
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 PY=${PYTHON:-python}
 ARCHS=("$@")
-[ ${#ARCHS[@]} -eq 0 ] && ARCHS=(80 90)
+[ ${#ARCHS[@]} -eq 0 ] && ARCHS=(80 90 100)
 TI=$($PY -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
 PI=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 TMP=$(mktemp -d)

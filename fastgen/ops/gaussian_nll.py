@@ -595,30 +595,23 @@ def _loss_impl(input, target, var, full, eps, reduction, log_var, beta, check_va
     return _run_forward(input, target, var, full, eps, reduction, log_var, beta, check_var)[0]
 
 
-@_compile.op("_gaussian_nll_loss_fused",
-             "(Tensor input, Tensor target, Tensor var, bool full, float eps, str reduction, bool log_var, "
-             "float beta, int check_var, bool need_input, bool need_target, bool need_var) "
-             "-> (Tensor, Tensor, Tensor, Tensor)")
-def _fused_op(input, target, var, full, eps, reduction, log_var, beta, check_var, need_input, need_target,
-              need_var):
+def _fused_impl(input, target, var, full, eps, reduction, log_var, beta, check_var, need_input, need_target,
+                need_var):
     """Forward pass of reduction "mean" / "sum" that also writes the gradients of the loss for the
     inputs that need them (in their shapes and dtypes; 0-element tensors for the others)."""
     return _run_forward(input, target, var, full, eps, reduction, log_var, beta, check_var,
                         (need_input, need_target, need_var))
 
 
-@_fused_op.register_fake
-def _(input, target, var, full, eps, reduction, log_var, beta, check_var, need_input, need_target, need_var):
+def _fused_fake(input, target, var, full, eps, reduction, log_var, beta, check_var, need_input, need_target,
+                need_var):
     loss = _loss_fake(input, target, var, full, eps, reduction, log_var, beta, check_var)
     red = reduction != "none"
     return (loss, *(a.new_empty(a.shape if (n and red) else (0,)) for a, n in
                     zip((input, target, var), (need_input, need_target, need_var))))
 
 
-@_compile.op("_gaussian_nll_loss_backward",
-             "(Tensor grad_out, Tensor input, Tensor target, Tensor var, bool full, float eps, bool log_var, "
-             "float beta, bool need_input, bool need_target, bool need_var) -> (Tensor, Tensor, Tensor)")
-def _backward_op(grad_out, input, target, var, full, eps, log_var, beta, need_input, need_target, need_var):
+def _backward_impl(grad_out, input, target, var, full, eps, log_var, beta, need_input, need_target, need_var):
     """Fused backward of reduction "none": grad_out of the broadcast shape -> the gradients for
     input, target and var (their shapes and dtypes; 0-element tensors where not requested). Not
     differentiable: used only when :func:`fastgen._compile.fast_backward`."""
@@ -635,19 +628,27 @@ def _backward_op(grad_out, input, target, var, full, eps, log_var, beta, need_in
                  for g, a, n in zip(grads, (input, target, var), need))
 
 
-@_backward_op.register_fake
-def _(grad_out, input, target, var, full, eps, log_var, beta, need_input, need_target, need_var):
+def _backward_fake(grad_out, input, target, var, full, eps, log_var, beta, need_input, need_target, need_var):
     return tuple(a.new_empty(a.shape if n else (0,)) for a, n in
                  zip((input, target, var), (need_input, need_target, need_var)))
 
 
-_FUSED = torch.ops.fastgen._gaussian_nll_loss_fused.default
-_BACKWARD = torch.ops.fastgen._gaussian_nll_loss_backward.default
+# internal ops (no autograd: they run inside the public op's autograd kernel, below autograd)
+_FUSED = _compile.define(
+    "_gaussian_nll_loss_fused",
+    "(Tensor input, Tensor target, Tensor var, bool full, float eps, str reduction, bool log_var, float beta, "
+    "int check_var, bool need_input, bool need_target, bool need_var) -> (Tensor, Tensor, Tensor, Tensor)",
+    _fused_impl, fake=_fused_fake)
+_BACKWARD = _compile.define(
+    "_gaussian_nll_loss_backward",
+    "(Tensor grad_out, Tensor input, Tensor target, Tensor var, bool full, float eps, bool log_var, float beta, "
+    "bool need_input, bool need_target, bool need_var) -> (Tensor, Tensor, Tensor)",
+    _backward_impl, fake=_backward_fake)
 
 
 def _below_autograd(op, *args):
-    # (the OpOverload below the Autograd key: not through custom_op's Python wrappers, which cost
-    # more than the kernel on small inputs; the callers run where no gradient flows)
+    # (the callers run where no gradient flows: the forward of the autograd kernel, a
+    # non-differentiable backward)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
@@ -742,6 +743,7 @@ class _NLLFunction(_compile.OpFunction):
 
     @staticmethod
     def jvp(ctx, d_input, d_target, d_var, *_):
+        _compile.forbid_forward_over_forward("gaussian_nll_loss")  # else the 2nd-order term is lost
         input, target, var = ctx.saved_tensors
         full, eps, reduction, log_var, beta = ctx.args
         dt = _result_dtype(input, target, var)
@@ -816,6 +818,9 @@ _apply = super(torch.autograd.Function, _NLLFunction).apply  # the single-level 
 def _autograd_kernel(*args):
     # as fastgen._compile.define's autograd kernel, plus the caller's grad mode (the forward runs
     # with grad disabled and cannot see it): the fused gradients are computed only when it is on
+    if not _compile.needs_autograd(args):  # nothing can record this call: no Function node
+        with torch._C._AutoDispatchBelowAutograd():
+            return gaussian_nll_loss_op(*args)
     with enable_single_level_autograd_function():
         return _apply(*args, torch.is_grad_enabled())
 

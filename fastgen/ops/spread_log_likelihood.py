@@ -537,6 +537,7 @@ class _SpreadLogLikelihood(_compile.OpFunction):
 
     @staticmethod
     def jvp(ctx, dy, dx, ds, _):
+        _compile.forbid_forward_over_forward("spread_log_likelihood")
         y, samples, sigma = ctx.saved_tensors
         if dy is None and dx is None and ds is None:
             return torch.zeros(y.shape[:1], dtype=y.dtype, device=y.device)

@@ -623,6 +623,7 @@ class _SpreadNoise(_compile.OpFunction):
     @staticmethod
     def jvp(ctx, dx, dsigma, *_):
         # dy = dx + dsigma * eps
+        _compile.forbid_forward_over_forward("spread_noise")
         out = dx
         if ctx.has_sigma and dsigma is not None:
             sigma, seed = ctx.saved_tensors
