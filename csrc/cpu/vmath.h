@@ -133,7 +133,7 @@ FG_INLINE vf16 vexp_neg(vf16 x) {
   const uint32_t lim = 0xC2AE0000u;  // bits of -87.0f: larger unsigned bits = more negative
   VU ux = (VU)x;
   VI under = ux > lim;               // -1 where x < -87 (never for x >= 0)
-  x = (V)(under ? (VU){} + lim : ux);
+  x = (V)((ux & ~(VU)under) | ((VU)under & lim));  // bit select: ?: on 64-byte vectors is scalarised on AVX2
   const float magic = 12582912.0f;
   V t = x * 1.44269504088896341f + magic;
   VI n = (VI)t - (int32_t)0x4B400000;                   // bits of magic
