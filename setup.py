@@ -19,6 +19,12 @@ Environment:
                           CPUs like the build machine's).
   FASTGEN_REQUIRE_EXT=1   fail the install if the extension does not build (default:
                           warn and install the pure torch / Triton package).
+
+LibTorch stable ABI: fastgen._C (and fastgen._C_cuda) use only torch::stable / header-only APIs
+and the stable C shim, compiled with TORCH_TARGET_VERSION = torch 2.10 (the oldest torch whose
+stable API has everything the kernels use; pyproject's `torch>=` says the same) and
+Py_LIMITED_API = CPython 3.10. `pip wheel --no-build-isolation --no-deps .` therefore makes one
+cp310-abi3 wheel that loads into every torch >= 2.10 and CPython >= 3.10 (tools/check_wheel.sh).
 """
 import glob
 import os
@@ -26,6 +32,12 @@ import os
 from setuptools import setup
 
 _ON = ("1", "true", "on", "yes")
+
+# The stable-ABI contract of the compiled extensions (see the docstring): the oldest torch they
+# load into (TORCH_TARGET_VERSION: major << 56 | minor << 48) and the oldest CPython (abi3 tag).
+TORCH_TARGET = (2, 10)
+PY_LIMITED = "cp310"
+_STABLE_MACROS = [("TORCH_TARGET_VERSION", f"0x{(TORCH_TARGET[0] << 56) | (TORCH_TARGET[1] << 48):016x}")]
 
 
 def _extensions():
@@ -36,6 +48,10 @@ def _extensions():
         print("fastgen: torch not importable at build time; skipping fastgen._C")
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
+    # An in-place build from before the stable ABI left fastgen/_C*.cpython-*.so behind: Python
+    # prefers that suffix to .abi3.so, so the stale library would shadow the new one.
+    for stale in glob.glob(os.path.join(here, "fastgen", "_C*.cpython-*.so")):
+        os.remove(stale)
     # CPU sources: the tensor boundaries csrc/cpu/<op>.cpp, the path selection csrc/cpu/isa.cpp,
     # and the compute code once per instruction set, csrc/cpu/isa/<op>_<isa>.cpp (each sets its
     # target with a pragma, so one flag set compiles them all; the avx2 / avx512 files are empty
@@ -45,13 +61,16 @@ def _extensions():
                + sorted(glob.glob(os.path.join(here, "csrc", "cpu", "*.cpp")))
                + sorted(glob.glob(os.path.join(here, "csrc", "cpu", "isa", "*.cpp")))]
     # -g0: no debug info (Python's CFLAGS add -g: larger objects, slower compiles of the kernels)
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-Wno-psabi", "-g0"]
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-Wno-psabi", "-g0",
+           # the wheel's glibc floor stays torch's (manylinux_2_28): csrc/compat/glibc_compat.h
+           "-include", os.path.join(here, "csrc", "compat", "glibc_compat.h")]
     if os.environ.get("FASTGEN_NATIVE", "0") == "1":
         cxx += ["-march=native", "-DFASTGEN_NATIVE_BUILD"]
     optional = os.environ.get("FASTGEN_REQUIRE_EXT", "0") != "1"
     exts = [cpp_extension.CppExtension(
         "fastgen._C", sources, extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"], optional=optional)]
+        extra_link_args=["-fopenmp"], optional=optional,
+        include_dirs=[os.path.join(here, "csrc", "compat"), os.path.join(here, "csrc")], define_macros=_STABLE_MACROS, py_limited_api=True)]
     use_cuda, why = _want_cuda(torch, cpp_extension, optional)
     if use_cuda:
         cu_sources = [os.path.relpath(p, here) for p in
@@ -63,7 +82,8 @@ def _extensions():
         exts.append(cpp_extension.CUDAExtension(
             "fastgen._C_cuda", cu_sources,
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
-            optional=not strict))
+            optional=not strict, include_dirs=[os.path.join(here, "csrc", "compat"), os.path.join(here, "csrc")],
+            define_macros=_STABLE_MACROS + [("USE_CUDA", "1")], py_limited_api=True))
     print(f"fastgen: building fastgen._C (CPU, optional={optional}); fastgen._C_cuda: "
           + ("yes" if use_cuda else f"no ({why})"))
     return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
@@ -95,4 +115,7 @@ def _want_cuda(torch, cpp_extension, optional):
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass,
+      # one cp310-abi3 wheel (the extensions are py_limited_api=True: torch's BuildExtension adds
+      # -DPy_LIMITED_API=0x030a0000)
+      options={"bdist_wheel": {"py_limited_api": PY_LIMITED}} if ext_modules else {})

@@ -1,14 +1,19 @@
-// fastgen._C: the one place where every op's schema is declared.
+// fastgen._C: the one place where every op's schema is declared, on the LibTorch stable ABI.
 // CPU kernels live in csrc/cpu/<op>.cpp and CUDA kernels in csrc/cuda/<op>.cu; each registers
-// its implementation with TORCH_LIBRARY_IMPL(fastgen, CPU|CUDA, m). These are internal kernels
-// (underscore names, fake kernels in fastgen/ops/<op>.py); the public op of each function is a
-// torch custom op defined in Python (fastgen/_compile.py). The Python layer
+// its implementation with STABLE_TORCH_LIBRARY_IMPL(fastgen, CPU|CUDA, m). These are internal
+// kernels (underscore names, fake kernels in fastgen/ops/<op>.py); the public op of each function
+// is a torch custom op defined in Python (fastgen/_compile.py). The Python layer
 // (fastgen/ops/<op>.py) wraps these in autograd Functions and picks backends in
 // fastgen/_dispatch.py.
-#include <torch/extension.h>
-#include <torch/library.h>
+//
+// Stable ABI: only torch::stable / torch::headeronly and the stable C shim are used, compiled
+// with TORCH_TARGET_VERSION = torch 2.10 and Py_LIMITED_API = 3.10 (setup.py), so one binary
+// (a cp310-abi3 wheel) loads into every torch >= 2.10 and every CPython >= 3.10.
+#include <Python.h>
 
-TORCH_LIBRARY(fastgen, m) {
+#include <torch/csrc/stable/library.h>
+
+STABLE_TORCH_LIBRARY(fastgen, m) {
   // ---- knn (csrc/cpu/knn.cpp) ----
   // query [B, N, D], key [B, M, D], one dtype: float32, float64, float16 or bfloat16; 1 <= k <= M.
   // Returns (dist2 [B, N, k] ascending, float64 for float64 inputs else float32; index [B, N, k] int64);
@@ -54,12 +59,11 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("_cpu_vmath_kernel(Tensor x, int fn) -> Tensor");
 }
 
-// fastgen._C is also a Python module so that `import fastgen._C` loads the library above.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastgen compiled kernels; ops are exposed as torch.ops.fastgen.*";
-#ifdef FASTGEN_WITH_CUDA
-  m.attr("with_cuda") = true;
-#else
-  m.attr("with_cuda") = false;
-#endif
-}
+// fastgen._C is also a Python module so that `import fastgen._C` loads the library above (its
+// static initialisers register the ops with torch's dispatcher). Limited API only: no pybind11,
+// no libtorch_python. The ops are torch.ops.fastgen.*.
+static PyModuleDef fastgen_module = {
+    PyModuleDef_HEAD_INIT, "_C", "fastgen compiled CPU kernels; ops are exposed as torch.ops.fastgen.*",
+    -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastgen_module); }

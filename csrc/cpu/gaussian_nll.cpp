@@ -1,7 +1,8 @@
 // Fused Gaussian negative log-likelihood on CPU: the tensor boundary (argument checks, allocation,
-// dtype switch, registration) of fastgen::_gaussian_nll_kernel / _gaussian_nll_backward_kernel.
-// The compute code and the mathematics: csrc/cpu/gaussian_nll_kernel.h (one pass over memory,
-// compiled per instruction set, called through the table of csrc/cpu/isa.cpp).
+// dtype switch, registration) of fastgen::_gaussian_nll_kernel / _gaussian_nll_backward_kernel, on
+// the LibTorch stable ABI. The compute code and the mathematics: csrc/cpu/gaussian_nll_kernel.h
+// (one pass over memory, compiled per instruction set, called through the table of
+// csrc/cpu/isa.cpp).
 //
 // The problem is viewed as [A, B, C] (contiguous input / target / loss) with var [A, C] broadcast
 // over B. gaussian_nll_cpu returns (loss, grad_input, grad_target, grad_var, negative-var flag):
@@ -9,118 +10,92 @@
 // when asked (computed in the same pass, scaled by 1/N for the mean; empty otherwise), and a 0-d
 // int32 flag set when var has a negative entry. gaussian_nll_backward_cpu is the fused pass for
 // reduction "none" (per-element grad_output).
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-#include <cstdlib>
-
 #include <cstdint>
 #include <tuple>
 
-#include "kernels.h"
+#include "boundary.h"
 
 namespace {
 
-void check_args(const at::Tensor& x, const at::Tensor& t, const at::Tensor& v, int64_t A, int64_t B, int64_t C) {
-  TORCH_CHECK_VALUE(A >= 1 && B >= 1 && C >= 1, "gaussian_nll: A, B, C must be >= 1");
-  TORCH_CHECK_VALUE(x.numel() == A * B * C, "gaussian_nll: input must have A*B*C elements");
-  TORCH_CHECK_VALUE(t.numel() == A * B * C, "gaussian_nll: target must have A*B*C elements");
-  TORCH_CHECK_VALUE(v.numel() == A * C, "gaussian_nll: var must have A*C elements");
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type() && v.scalar_type() == x.scalar_type(),
-                   "gaussian_nll: input, target and var must have one dtype");
-  TORCH_CHECK_VALUE(x.is_contiguous() && t.is_contiguous() && v.is_contiguous(),
-                    "gaussian_nll: input, target and var must be contiguous");
-  TORCH_CHECK_VALUE(x.device().is_cpu() && t.device().is_cpu() && v.device().is_cpu(),
-                    "gaussian_nll: CPU tensors expected");
+using fastgen::ScalarType;
+using fastgen::Tensor;
+
+void check_args(const Tensor& x, const Tensor& t, const Tensor& v, int64_t A, int64_t B, int64_t C) {
+  FG_CHECK_VALUE(A >= 1 && B >= 1 && C >= 1, "gaussian_nll: A, B, C must be >= 1");
+  FG_CHECK_VALUE(x.numel() == A * B * C, "gaussian_nll: input must have A*B*C elements");
+  FG_CHECK_VALUE(t.numel() == A * B * C, "gaussian_nll: target must have A*B*C elements");
+  FG_CHECK_VALUE(v.numel() == A * C, "gaussian_nll: var must have A*C elements");
+  FG_CHECK_VALUE(t.scalar_type() == x.scalar_type() && v.scalar_type() == x.scalar_type(),
+                 "gaussian_nll: input, target and var must have one dtype");
+  FG_CHECK_VALUE(x.is_contiguous() && t.is_contiguous() && v.is_contiguous(),
+                 "gaussian_nll: input, target and var must be contiguous");
+  FG_CHECK_VALUE(x.is_cpu() && t.is_cpu() && v.is_cpu(), "gaussian_nll: CPU tensors expected");
 }
 
-fastgen_cpu::DType dtype_of(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return fastgen_cpu::DType::kFloat32;
-    case at::kDouble: return fastgen_cpu::DType::kFloat64;
-    case at::kHalf: return fastgen_cpu::DType::kFloat16;
-    case at::kBFloat16: return fastgen_cpu::DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "gaussian_nll: unsupported dtype ", st);
-  }
-}
-
-// Output buffers of 8 MiB or more are 2 MiB-aligned and advised as transparent huge pages:
-// a fresh 64 MiB gradient otherwise costs more in 4 KiB page faults on first touch than the
-// whole fused pass (measured: 36 ms vs 12 ms to fill 64 MiB on this 2-core machine). This
-// is what torch's own CPU allocator does under THP_MEM_ALLOC_ENABLE=1.
-at::Tensor alloc_out(int64_t numel, const at::TensorOptions& opts) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = (size_t)numel * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
-  if (bytes >= 4 * kHuge) {
-    const size_t sz = (bytes + kHuge - 1) / kHuge * kHuge;
-    void* ptr = nullptr;
-    if (posix_memalign(&ptr, kHuge, sz) == 0) {
-      madvise(ptr, sz, MADV_HUGEPAGE);  // advice only: failure leaves ordinary pages
-      return at::from_blob(ptr, {numel}, [](void* q) { std::free(q); }, opts);
-    }
-  }
-#endif
-  return at::empty({numel}, opts);
+// Outputs of 8 MiB or more get transparent huge pages on their 2 MiB-aligned interior before the
+// first touch (fastgen_cpu::advise_huge_pages): a fresh 64 MiB gradient otherwise costs more in
+// 4 KiB page faults than the whole fused pass.
+Tensor alloc_out(const Tensor& like, int64_t numel, ScalarType dtype) {
+  Tensor out = fastgen::empty(like, {numel}, dtype);
+  fastgen_cpu::advise_huge_pages(out.mutable_data_ptr(), numel * (int64_t)out.element_size());
+  return out;
 }
 
 // reduction: 0 none, 1 mean, 2 sum.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_nll_cpu(
-    const at::Tensor& input, const at::Tensor& target, const at::Tensor& var, int64_t A, int64_t B, int64_t C,
-    bool full, double eps, bool log_var, double beta, int64_t reduction, bool grad_input, bool grad_target,
-    bool grad_var) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_nll_cpu(
+    Tensor input, Tensor target, Tensor var, int64_t A, int64_t B, int64_t C, bool full, double eps, bool log_var,
+    double beta, int64_t reduction, bool grad_input, bool grad_target, bool grad_var) {
   check_args(input, target, var, A, B, C);
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "gaussian_nll: reduction must be 0, 1 or 2");
+  FG_CHECK_VALUE(reduction >= 0 && reduction <= 2, "gaussian_nll: reduction must be 0, 1 or 2");
+  const auto dt = fastgen::kernel_dtype(input.scalar_type(), "gaussian_nll");
+  const ScalarType st = input.scalar_type();
   const int64_t N = A * B * C;
   const bool none = reduction == 0;
   // For "none", gradients need the per-element grad_output: gaussian_nll_backward computes them.
   const bool grad = !none && (grad_input || grad_target || grad_var);
-  auto opts = input.options();
-  at::Tensor loss = none ? alloc_out(N, opts) : at::Tensor();
-  at::Tensor gin = grad && grad_input ? alloc_out(N, opts) : at::empty({0}, opts);
-  at::Tensor gt = grad && grad_target ? alloc_out(N, opts) : at::empty({0}, opts);
-  at::Tensor gv = grad && grad_var ? alloc_out(A * C, opts) : at::empty({0}, opts);
-  fastgen_cpu::NllOuts o{none ? loss.data_ptr() : nullptr, grad && grad_input ? gin.data_ptr() : nullptr,
-         grad && grad_target ? gt.data_ptr() : nullptr, grad && grad_var ? gv.data_ptr() : nullptr, nullptr};
+  Tensor loss = none ? alloc_out(input, N, st) : Tensor();
+  Tensor gin = grad && grad_input ? alloc_out(input, N, st) : fastgen::none(input, st);
+  Tensor gt = grad && grad_target ? alloc_out(input, N, st) : fastgen::none(input, st);
+  Tensor gv = grad && grad_var ? alloc_out(input, A * C, st) : fastgen::none(input, st);
+  fastgen_cpu::NllOuts o{none ? loss.mutable_data_ptr() : nullptr,
+                         grad && grad_input ? gin.mutable_data_ptr() : nullptr,
+                         grad && grad_target ? gt.mutable_data_ptr() : nullptr,
+                         grad && grad_var ? gv.mutable_data_ptr() : nullptr, nullptr};
   const double scale = reduction == 1 ? 1.0 / (double)N : 1.0;
   int neg = 0;
-  double total = 0.0;
-  const auto dt = dtype_of(input.scalar_type());
-  total = fastgen_cpu::kernels().gaussian_nll(dt, input.data_ptr(), target.data_ptr(), var.data_ptr(), A, B, C, full,
-                                              eps, log_var, beta, scale, grad, o, &neg);
-  if (!none) loss = at::scalar_tensor(reduction == 1 ? total / (double)N : total, opts);
-  at::Tensor flag = at::scalar_tensor(neg ? 1 : 0, input.options().dtype(at::kInt));
+  const double total =
+      fastgen_cpu::kernels().gaussian_nll(dt, input.const_data_ptr(), target.const_data_ptr(), var.const_data_ptr(),
+                                          A, B, C, full, eps, log_var, beta, scale, grad, o, &neg);
+  if (!none) loss = fastgen::scalar_tensor(input, reduction == 1 ? total / (double)N : total, st);
+  Tensor flag = fastgen::scalar_tensor(input, neg ? 1.0 : 0.0, fastgen::kInt);
   return {loss, gin, gt, gv, flag};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_nll_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target, const at::Tensor& var,
-    int64_t A, int64_t B, int64_t C, bool full, double eps, bool log_var, double beta, bool grad_input,
-    bool grad_target, bool grad_var) {
+std::tuple<Tensor, Tensor, Tensor> gaussian_nll_backward_cpu(Tensor grad_out, Tensor input, Tensor target,
+                                                             Tensor var, int64_t A, int64_t B, int64_t C, bool full,
+                                                             double eps, bool log_var, double beta, bool grad_input,
+                                                             bool grad_target, bool grad_var) {
   check_args(input, target, var, A, B, C);
   const int64_t N = A * B * C;
-  TORCH_CHECK_VALUE(grad_out.numel() == N && grad_out.is_contiguous() &&
-                        grad_out.scalar_type() == input.scalar_type(),
-                    "gaussian_nll_backward: grad_out must be contiguous, with N elements and input's dtype");
-  auto opts = input.options();
-  at::Tensor gin = grad_input ? alloc_out(N, opts) : at::empty({0}, opts);
-  at::Tensor gt = grad_target ? alloc_out(N, opts) : at::empty({0}, opts);
-  at::Tensor gv = grad_var ? alloc_out(A * C, opts) : at::empty({0}, opts);
-  fastgen_cpu::NllOuts o{nullptr, grad_input ? gin.data_ptr() : nullptr, grad_target ? gt.data_ptr() : nullptr,
-         grad_var ? gv.data_ptr() : nullptr, grad_out.data_ptr()};
+  FG_CHECK_VALUE(grad_out.numel() == N && grad_out.is_contiguous() && grad_out.scalar_type() == input.scalar_type(),
+                 "gaussian_nll_backward: grad_out must be contiguous, with N elements and input's dtype");
+  const auto dt = fastgen::kernel_dtype(input.scalar_type(), "gaussian_nll");
+  const ScalarType st = input.scalar_type();
+  Tensor gin = grad_input ? alloc_out(input, N, st) : fastgen::none(input, st);
+  Tensor gt = grad_target ? alloc_out(input, N, st) : fastgen::none(input, st);
+  Tensor gv = grad_var ? alloc_out(input, A * C, st) : fastgen::none(input, st);
+  fastgen_cpu::NllOuts o{nullptr, grad_input ? gin.mutable_data_ptr() : nullptr,
+                         grad_target ? gt.mutable_data_ptr() : nullptr, grad_var ? gv.mutable_data_ptr() : nullptr,
+                         grad_out.const_data_ptr()};
   int neg = 0;
-  const auto dt = dtype_of(input.scalar_type());
-  fastgen_cpu::kernels().gaussian_nll(dt, input.data_ptr(), target.data_ptr(), var.data_ptr(), A, B, C, full, eps,
-                                      log_var, beta, 1.0, true, o, &neg);
+  fastgen_cpu::kernels().gaussian_nll(dt, input.const_data_ptr(), target.const_data_ptr(), var.const_data_ptr(), A, B,
+                                      C, full, eps, log_var, beta, 1.0, true, o, &neg);
   return {gin, gt, gv};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
-  m.impl("_gaussian_nll_kernel", &gaussian_nll_cpu);
-  m.impl("_gaussian_nll_backward_kernel", &gaussian_nll_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
+  m.impl("_gaussian_nll_kernel", TORCH_BOX(&gaussian_nll_cpu));
+  m.impl("_gaussian_nll_backward_kernel", TORCH_BOX(&gaussian_nll_backward_cpu));
 }

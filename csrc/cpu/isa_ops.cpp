@@ -1,4 +1,4 @@
-// The tensor boundary of the CPU-path ops (schemas in csrc/fastgen.cpp):
+// The tensor boundary of the CPU-path ops (schemas in csrc/fastgen.cpp), on the LibTorch stable ABI:
 //   _cpu_isa_kernel() -> int: the path in use (0 baseline, 1 avx2, 2 avx512, 3 native); raises
 //       RuntimeError when FASTGEN_CPU_ISA names a path this CPU / build cannot run.
 //   _cpu_isa_available_kernel() -> int: bit i set when path i is built and runs on this CPU.
@@ -7,14 +7,13 @@
 //       in use.
 //   _cpu_vmath_kernel(Tensor x, int fn) -> Tensor: the kernels' vector math on float32 x, on the
 //       path in use (fn: see kernels.h), for the ulp tests.
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
 #include <cstdint>
 
-#include "kernels.h"
+#include "boundary.h"
 
 namespace {
+
+using fastgen::Tensor;
 
 int64_t cpu_isa() { return fastgen_cpu::isa_in_use(); }
 
@@ -22,22 +21,23 @@ int64_t cpu_isa_available() { return fastgen_cpu::isa_available(); }
 
 int64_t cpu_isa_set(int64_t isa) { return fastgen_cpu::set_isa((int)isa); }
 
-at::Tensor cpu_vmath(const at::Tensor& x, int64_t fn) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "_cpu_vmath_kernel: x must be float32");
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "_cpu_vmath_kernel: x must be a CPU tensor");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc);
-  const bool ok = fastgen_cpu::kernels().vmath((int)fn, xc.data_ptr<float>(), out.data_ptr<float>(), xc.numel());
-  TORCH_CHECK_VALUE(ok, "_cpu_vmath_kernel: unknown fn ", fn);
+Tensor cpu_vmath(Tensor x, int64_t fn) {
+  FG_CHECK(x.scalar_type() == fastgen::kFloat, "_cpu_vmath_kernel: x must be float32");
+  FG_CHECK_VALUE(x.is_cpu(), "_cpu_vmath_kernel: x must be a CPU tensor");
+  const Tensor xc = torch::stable::contiguous(x);
+  Tensor out = fastgen::empty(xc, fastgen::sizes_of(xc), fastgen::kFloat);
+  const bool ok = fastgen_cpu::kernels().vmath((int)fn, xc.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+                                               xc.numel());
+  FG_CHECK_VALUE(ok, "_cpu_vmath_kernel: unknown fn ", fn);
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastgen, CompositeExplicitAutograd, m) {
-  m.impl("_cpu_isa_kernel", &cpu_isa);
-  m.impl("_cpu_isa_available_kernel", &cpu_isa_available);
-  m.impl("_cpu_isa_set_kernel", &cpu_isa_set);
+STABLE_TORCH_LIBRARY_IMPL(fastgen, CompositeExplicitAutograd, m) {
+  m.impl("_cpu_isa_kernel", TORCH_BOX(&cpu_isa));
+  m.impl("_cpu_isa_available_kernel", TORCH_BOX(&cpu_isa_available));
+  m.impl("_cpu_isa_set_kernel", TORCH_BOX(&cpu_isa_set));
 }
 
-TORCH_LIBRARY_IMPL(fastgen, CPU, m) { m.impl("_cpu_vmath_kernel", &cpu_vmath); }
+STABLE_TORCH_LIBRARY_IMPL(fastgen, CPU, m) { m.impl("_cpu_vmath_kernel", TORCH_BOX(&cpu_vmath)); }

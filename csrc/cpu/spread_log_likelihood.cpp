@@ -1,74 +1,75 @@
 // spread_log_likelihood on CPU: the tensor boundary (argument checks, allocation, dtype switch,
-// registration) of fastgen::_spread_log_likelihood_kernel / _spread_log_likelihood_backward_kernel.
-// The compute code and the mathematics (exact direct differences, online logsumexp, fused
-// backward): csrc/cpu/spread_log_likelihood_kernel.h, compiled per instruction set and called
-// through the table of csrc/cpu/isa.cpp.
+// registration) of fastgen::_spread_log_likelihood_kernel / _spread_log_likelihood_backward_kernel,
+// on the LibTorch stable ABI. The compute code and the mathematics (exact direct differences,
+// online logsumexp, fused backward): csrc/cpu/spread_log_likelihood_kernel.h, compiled per
+// instruction set and called through the table of csrc/cpu/isa.cpp.
 //
 //   out[n] = log( 1/S sum_s K_sigma(y_n - x_s) ),  y [N, D], x = samples [S, D], sigma [1] or [D]
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
 #include <cstdint>
 #include <tuple>
 
-#include "kernels.h"
+#include "boundary.h"
 
 namespace {
 
-void check_inputs(const at::Tensor& y, const at::Tensor& x, const at::Tensor& sigma, int64_t kind) {
-  TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && sigma.device().is_cpu(),
-              "spread_log_likelihood (cpu): tensors must be on the CPU");
-  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.size(1) == x.size(1),
-              "spread_log_likelihood (cpu): y [N, D] and samples [S, D] expected");
-  TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.scalar_type() == sigma.scalar_type() &&
-                  (y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble),
-              "spread_log_likelihood (cpu): y, samples, sigma must share dtype float32 or float64");
-  TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && sigma.is_contiguous(),
-              "spread_log_likelihood (cpu): contiguous inputs expected");
-  TORCH_CHECK(sigma.numel() == 1 || (sigma.dim() == 1 && sigma.size(0) == y.size(1)),
-              "spread_log_likelihood (cpu): sigma must have 1 or D elements");
-  TORCH_CHECK(kind == 0 || kind == 1, "spread_log_likelihood (cpu): kind must be 0 or 1");
-  TORCH_CHECK(y.size(0) > 0 && x.size(0) > 0 && y.size(1) > 0, "spread_log_likelihood (cpu): empty input");
+using fastgen::Tensor;
+
+void check_inputs(const Tensor& y, const Tensor& x, const Tensor& sigma, int64_t kind) {
+  FG_CHECK(y.is_cpu() && x.is_cpu() && sigma.is_cpu(), "spread_log_likelihood (cpu): tensors must be on the CPU");
+  FG_CHECK(y.dim() == 2 && x.dim() == 2 && y.size(1) == x.size(1),
+           "spread_log_likelihood (cpu): y [N, D] and samples [S, D] expected");
+  FG_CHECK(y.scalar_type() == x.scalar_type() && y.scalar_type() == sigma.scalar_type() &&
+               (y.scalar_type() == fastgen::kFloat || y.scalar_type() == fastgen::kDouble),
+           "spread_log_likelihood (cpu): y, samples, sigma must share dtype float32 or float64");
+  FG_CHECK(y.is_contiguous() && x.is_contiguous() && sigma.is_contiguous(),
+           "spread_log_likelihood (cpu): contiguous inputs expected");
+  FG_CHECK(sigma.numel() == 1 || (sigma.dim() == 1 && sigma.size(0) == y.size(1)),
+           "spread_log_likelihood (cpu): sigma must have 1 or D elements");
+  FG_CHECK(kind == 0 || kind == 1, "spread_log_likelihood (cpu): kind must be 0 or 1");
+  FG_CHECK(y.size(0) > 0 && x.size(0) > 0 && y.size(1) > 0, "spread_log_likelihood (cpu): empty input");
 }
 
-fastgen_cpu::DType dtype_of(const at::Tensor& y) {
-  return y.scalar_type() == at::kDouble ? fastgen_cpu::DType::kFloat64 : fastgen_cpu::DType::kFloat32;
+fastgen_cpu::DType dtype_of(const Tensor& y) {
+  return y.scalar_type() == fastgen::kDouble ? fastgen_cpu::DType::kFloat64 : fastgen_cpu::DType::kFloat32;
 }
 
 // Returns out [N] (y's dtype).
-at::Tensor sll_forward_cpu(const at::Tensor& y, const at::Tensor& samples, const at::Tensor& sigma, int64_t kind) {
+Tensor sll_forward_cpu(Tensor y, Tensor samples, Tensor sigma, int64_t kind) {
   check_inputs(y, samples, sigma, kind);
   const int64_t N = y.size(0), S = samples.size(0), D = y.size(1);
-  at::Tensor out = at::empty({N}, y.options());
-  fastgen_cpu::kernels().sll_forward(dtype_of(y), y.data_ptr(), samples.data_ptr(), sigma.data_ptr(), sigma.numel(),
-                                     (int)kind, N, S, D, out.data_ptr());
+  Tensor out = fastgen::empty(y, {N}, y.scalar_type());
+  fastgen_cpu::kernels().sll_forward(dtype_of(y), y.const_data_ptr(), samples.const_data_ptr(),
+                                     sigma.const_data_ptr(), sigma.numel(), (int)kind, N, S, D,
+                                     out.mutable_data_ptr());
   return out;
 }
 
 // Returns (grad_y, grad_samples, grad_sigma); empty tensors where not requested.
 // grad_sigma has sigma's shape ([1] or [D]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sll_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& samples, const at::Tensor& sigma,
-    const at::Tensor& out, int64_t kind, bool need_y, bool need_samples, bool need_sigma) {
+std::tuple<Tensor, Tensor, Tensor> sll_backward_cpu(Tensor grad_out, Tensor y, Tensor samples, Tensor sigma,
+                                                    Tensor out, int64_t kind, bool need_y, bool need_samples,
+                                                    bool need_sigma) {
   check_inputs(y, samples, sigma, kind);
   const int64_t N = y.size(0), S = samples.size(0), D = y.size(1);
-  TORCH_CHECK(grad_out.numel() == N && out.numel() == N, "spread_log_likelihood (cpu): grad_out, out must be [N]");
-  const at::Tensor g = grad_out.to(y.scalar_type()).contiguous();
-  const at::Tensor o = out.to(y.scalar_type()).contiguous();
+  FG_CHECK(grad_out.numel() == N && out.numel() == N, "spread_log_likelihood (cpu): grad_out, out must be [N]");
+  const auto st = y.scalar_type();
+  const Tensor g = torch::stable::contiguous(torch::stable::to(grad_out, st));
+  const Tensor o = torch::stable::contiguous(torch::stable::to(out, st));
   // unrequested gradients come back as empty tensors (the op schema returns three Tensors)
-  at::Tensor gy = need_y ? at::empty({N, D}, y.options()) : at::empty({0}, y.options());
-  at::Tensor gx = need_samples ? at::empty({S, D}, y.options()) : at::empty({0}, y.options());
-  at::Tensor gsig = need_sigma ? at::empty(sigma.sizes(), y.options()) : at::empty({0}, y.options());
-  fastgen_cpu::kernels().sll_backward(dtype_of(y), g.data_ptr(), y.data_ptr(), samples.data_ptr(), sigma.data_ptr(),
-                                      sigma.numel(), o.data_ptr(), (int)kind, N, S, D,
-                                      need_y ? gy.data_ptr() : nullptr, need_samples ? gx.data_ptr() : nullptr,
-                                      need_sigma ? gsig.data_ptr() : nullptr);
+  Tensor gy = need_y ? fastgen::empty(y, {N, D}, st) : fastgen::none(y, st);
+  Tensor gx = need_samples ? fastgen::empty(y, {S, D}, st) : fastgen::none(y, st);
+  Tensor gsig = need_sigma ? fastgen::empty(y, fastgen::sizes_of(sigma), st) : fastgen::none(y, st);
+  fastgen_cpu::kernels().sll_backward(dtype_of(y), g.const_data_ptr(), y.const_data_ptr(), samples.const_data_ptr(),
+                                      sigma.const_data_ptr(), sigma.numel(), o.const_data_ptr(), (int)kind, N, S, D,
+                                      need_y ? gy.mutable_data_ptr() : nullptr,
+                                      need_samples ? gx.mutable_data_ptr() : nullptr,
+                                      need_sigma ? gsig.mutable_data_ptr() : nullptr);
   return {gy, gx, gsig};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
-  m.impl("_spread_log_likelihood_kernel", &sll_forward_cpu);
-  m.impl("_spread_log_likelihood_backward_kernel", &sll_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
+  m.impl("_spread_log_likelihood_kernel", TORCH_BOX(&sll_forward_cpu));
+  m.impl("_spread_log_likelihood_backward_kernel", TORCH_BOX(&sll_backward_cpu));
 }

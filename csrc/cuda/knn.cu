@@ -43,12 +43,18 @@
 //
 // Offsets are int64 everywhere (inputs above 2^31 elements). NaN / inf inputs are rejected by the
 // Python layer (fastgen.knn validates before calling a non-CPU backend).
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+//
+// LibTorch stable ABI (as fastgen._C): torch::stable tensors and registration, the device guard of
+// torch/csrc/stable/accelerator.h and the current stream from the stable C shim
+// (aoti_torch_get_current_cuda_stream); torch::headeronly::Half / BFloat16 are header-only.
+#ifndef USE_CUDA
+#define USE_CUDA 1  // declares the CUDA entry points of the C shim
+#endif
 #include <cuda_runtime.h>
-#include <torch/library.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+
+#include "../stable.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -409,15 +415,23 @@ knn_fallback_kernel(const T* __restrict__ q, const T* __restrict__ key, int64_t 
 // ------------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------------
+using fastgen::Tensor;
+
+// CUDA runtime errors as std::runtime_error (RuntimeError in Python), with the call and the reason.
+#define FG_CUDA_CHECK(expr)                                                                       \
+  do {                                                                                             \
+    const cudaError_t fg_err_ = (expr);                                                            \
+    FG_CHECK(fg_err_ == cudaSuccess, "fastgen::knn (CUDA): ", #expr, " failed: ", cudaGetErrorString(fg_err_)); \
+  } while (0)
+
 template <typename T, int CP>
-void launch(const at::Tensor& qc, const at::Tensor& kc, int64_t k, at::Tensor& dist, at::Tensor& index) {
+void launch(const Tensor& qc, const Tensor& kc, int64_t k, Tensor& dist, Tensor& index, cudaStream_t stream) {
   constexpr int C = 32 * CP;
   const int64_t B = qc.size(0), N = qc.size(1), M = kc.size(1), D = qc.size(2);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   int dev = 0, sm_count = 0, smem_optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  FG_CUDA_CHECK(cudaGetDevice(&dev));
+  FG_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev));
+  FG_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   const int64_t sms = sm_count;
   const int64_t nqt = (N + TQ - 1) / TQ, nkt = (M + TK - 1) / TK;
   const int64_t blocks0 = B * nqt;
@@ -429,26 +443,25 @@ void launch(const at::Tensor& qc, const at::Tensor& kc, int64_t k, at::Tensor& d
     S = std::min<int64_t>(S, std::max<int64_t>(1, nkt / 4));
     S = std::min<int64_t>(S, 64);
   }
-  TORCH_CHECK(blocks0 * S < (int64_t)INT_MAX, "fastgen::knn (CUDA): too many query tiles (B * N too large)");
+  FG_CHECK(blocks0 * S < (int64_t)INT_MAX, "fastgen::knn (CUDA): too many query tiles (B * N too large)");
   const int64_t BN = B * N;
-  TORCH_CHECK((BN + WARPS_FINAL - 1) / WARPS_FINAL < (int64_t)INT_MAX, "fastgen::knn (CUDA): B * N too large");
-  auto opts = qc.options();
-  at::Tensor wv = at::empty({BN * S * C}, opts.dtype(at::kFloat));
-  at::Tensor wi = at::empty({BN * S * C}, opts.dtype(at::kInt));
-  at::Tensor fail_count = at::zeros({1}, opts.dtype(at::kLong));
-  at::Tensor fail_list = at::empty({BN}, opts.dtype(at::kLong));
-  at::Tensor fail_tau = at::empty({BN}, opts.dtype(at::kDouble));
+  FG_CHECK((BN + WARPS_FINAL - 1) / WARPS_FINAL < (int64_t)INT_MAX, "fastgen::knn (CUDA): B * N too large");
+  Tensor wv = fastgen::empty(qc, {BN * S * C}, fastgen::kFloat);
+  Tensor wi = fastgen::empty(qc, {BN * S * C}, fastgen::kInt);
+  Tensor fail_count = fastgen::zeros(qc, {1}, fastgen::kLong);
+  Tensor fail_list = fastgen::empty(qc, {BN}, fastgen::kLong);
+  Tensor fail_tau = fastgen::empty(qc, {BN}, fastgen::kDouble);
 
   const size_t smem = (size_t)TILE_FLOATS * sizeof(float) + (size_t)TQ * C * (sizeof(float) + sizeof(int32_t));
-  TORCH_CHECK(smem <= (size_t)smem_optin, "fastgen::knn (CUDA): needs ", smem,
+  FG_CHECK(smem <= (size_t)smem_optin, "fastgen::knn (CUDA): needs ", smem,
               " bytes of shared memory per block, this GPU allows ", smem_optin);
   auto fast = knn_fast_kernel<T, CP>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(fast, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const T* qp = qc.data_ptr<T>();
-  const T* kp = kc.data_ptr<T>();
-  fast<<<(unsigned)(blocks0 * S), THREADS, smem, stream>>>(qp, kp, N, M, D, nqt, S, wv.data_ptr<float>(),
-                                                            wi.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FG_CUDA_CHECK(cudaFuncSetAttribute(fast, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  const T* qp = static_cast<const T*>(qc.const_data_ptr());
+  const T* kp = static_cast<const T*>(kc.const_data_ptr());
+  fast<<<(unsigned)(blocks0 * S), THREADS, smem, stream>>>(qp, kp, N, M, D, nqt, S, wv.mutable_data_ptr<float>(),
+                                                            wi.mutable_data_ptr<int32_t>());
+  FG_CUDA_CHECK(cudaGetLastError());
 
   const double u32 = std::ldexp(1.0, -24);
   const double n = (double)D + 2.0;
@@ -456,69 +469,72 @@ void launch(const at::Tensor& qc, const at::Tensor& kc, int64_t k, at::Tensor& d
   const double g32 = n * u32 < 0.5 ? 1.01 * (n * u32 / (1.0 - n * u32)) + std::ldexp(1.0, -50) : INFINITY;
   const double a32 = 2.0 * n * std::ldexp(1.0, -126);  // underflow, with the (1 + g) growth, also under FTZ
   const double g64 = ((double)D + 8.0) * std::ldexp(1.0, -52);
-  auto* fc = reinterpret_cast<unsigned long long*>(fail_count.data_ptr<int64_t>());
+  auto* fc = reinterpret_cast<unsigned long long*>(fail_count.mutable_data_ptr<int64_t>());
   const unsigned fin_blocks = (unsigned)((BN + WARPS_FINAL - 1) / WARPS_FINAL);
   knn_final_kernel<T, CP><<<fin_blocks, WARPS_FINAL * 32, 0, stream>>>(
-      qp, kp, BN, N, M, D, k, S, wv.data_ptr<float>(), wi.data_ptr<int32_t>(), g32, a32, g64,
-      dist.data_ptr<float>(), index.data_ptr<int64_t>(), fc, fail_list.data_ptr<int64_t>(),
-      fail_tau.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      qp, kp, BN, N, M, D, k, S, wv.mutable_data_ptr<float>(), wi.mutable_data_ptr<int32_t>(), g32, a32, g64,
+      dist.mutable_data_ptr<float>(), index.mutable_data_ptr<int64_t>(), fc, fail_list.mutable_data_ptr<int64_t>(),
+      fail_tau.mutable_data_ptr<double>());
+  FG_CUDA_CHECK(cudaGetLastError());
 
   const unsigned fb_blocks = (unsigned)std::min<int64_t>((int64_t)fin_blocks, 8 * sms);
   knn_fallback_kernel<T><<<fb_blocks, WARPS_FINAL * 32, 0, stream>>>(
-      qp, kp, N, M, D, (int)k, g32, a32, fc, fail_list.data_ptr<int64_t>(), fail_tau.data_ptr<double>(),
-      dist.data_ptr<float>(), index.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      qp, kp, N, M, D, (int)k, g32, a32, fc, fail_list.mutable_data_ptr<int64_t>(), fail_tau.mutable_data_ptr<double>(),
+      dist.mutable_data_ptr<float>(), index.mutable_data_ptr<int64_t>());
+  FG_CUDA_CHECK(cudaGetLastError());
 }
 
 template <typename T>
-void launch_k(const at::Tensor& qc, const at::Tensor& kc, int64_t k, at::Tensor& dist, at::Tensor& index) {
+void launch_k(const Tensor& qc, const Tensor& kc, int64_t k, Tensor& dist, Tensor& index, cudaStream_t stream) {
   const int64_t cp = (k + EXTRA + 31) / 32;  // C = 32 cp >= k + 16
   if (cp == 1) {
-    launch<T, 1>(qc, kc, k, dist, index);
+    launch<T, 1>(qc, kc, k, dist, index, stream);
   } else if (cp == 2) {
-    launch<T, 2>(qc, kc, k, dist, index);
+    launch<T, 2>(qc, kc, k, dist, index, stream);
   } else {
-    launch<T, 3>(qc, kc, k, dist, index);
+    launch<T, 3>(qc, kc, k, dist, index, stream);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::Tensor& key, int64_t k) {
-  TORCH_CHECK_VALUE(query.dim() == 3, "fastgen::knn: query must be [B, N, D], got ", query.sizes());
-  TORCH_CHECK_VALUE(key.dim() == 3, "fastgen::knn: key must be [B, M, D], got ", key.sizes());
-  TORCH_CHECK_VALUE(query.size(0) == key.size(0), "fastgen::knn: batch sizes differ: query ", query.size(0),
-                    ", key ", key.size(0));
-  TORCH_CHECK_VALUE(query.size(2) == key.size(2), "fastgen::knn: feature dims D differ: query ", query.size(2),
-                    ", key ", key.size(2));
-  TORCH_CHECK_VALUE(query.is_cuda() && key.is_cuda() && query.device() == key.device(),
-                    "fastgen::knn (CUDA): query and key must be on the same CUDA device, got ", query.device(),
-                    " and ", key.device());
-  TORCH_CHECK_TYPE(query.scalar_type() == key.scalar_type(), "fastgen::knn: query and key dtypes differ (",
-                   query.scalar_type(), ", ", key.scalar_type(), ")");
+std::tuple<Tensor, Tensor> knn_cuda(Tensor query, Tensor key, int64_t k) {
+  FG_CHECK_VALUE(query.dim() == 3, "fastgen::knn: query must be [B, N, D], got ", fastgen::shape_str(query.sizes()));
+  FG_CHECK_VALUE(key.dim() == 3, "fastgen::knn: key must be [B, M, D], got ", fastgen::shape_str(key.sizes()));
+  FG_CHECK_VALUE(query.size(0) == key.size(0), "fastgen::knn: batch sizes differ: query ", query.size(0), ", key ",
+           key.size(0));
+  FG_CHECK_VALUE(query.size(2) == key.size(2), "fastgen::knn: feature dims D differ: query ", query.size(2), ", key ",
+           key.size(2));
+  FG_CHECK_VALUE(query.is_cuda() && key.is_cuda() && query.get_device_index() == key.get_device_index(),
+           "fastgen::knn (CUDA): query and key must be on the same CUDA device");
+  FG_CHECK(query.scalar_type() == key.scalar_type(), "fastgen::knn: query and key dtypes differ (",
+           fastgen::dtype_name(query.scalar_type()), ", ", fastgen::dtype_name(key.scalar_type()), ")");
   const auto st = query.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-                   "fastgen::knn (CUDA backend): query and key must be float32, float16 or bfloat16, got ", st,
-                   " (use backend='torch' or 'triton' for float64)");
+  FG_CHECK(st == fastgen::kFloat || st == fastgen::kHalf || st == fastgen::kBFloat16,
+           "fastgen::knn (CUDA backend): query and key must be float32, float16 or bfloat16, got ",
+           fastgen::dtype_name(st), " (use backend='torch' or 'triton' for float64)");
   const int64_t B = query.size(0), N = query.size(1), M = key.size(1), D = query.size(2);
-  TORCH_CHECK_VALUE(k >= 1 && k <= M, "fastgen::knn: need 1 <= k <= M, got k = ", k, ", M = ", M);
-  TORCH_CHECK_VALUE(k <= MAX_K, "fastgen::knn (CUDA backend): k must be <= ", MAX_K, ", got k = ", k);
-  TORCH_CHECK_VALUE(M < (int64_t)INT_MAX, "fastgen::knn (CUDA backend): M (key rows) must be < 2^31 - 1, got ", M);
-  TORCH_CHECK_VALUE(D >= 1, "fastgen::knn: D must be >= 1");
-  const c10::cuda::CUDAGuard guard(query.device());
-  const at::Tensor qc = query.contiguous(), kc = key.contiguous();
-  at::Tensor dist = at::empty({B, N, k}, query.options().dtype(at::kFloat));
-  at::Tensor index = at::empty({B, N, k}, query.options().dtype(at::kLong));
+  FG_CHECK_VALUE(k >= 1 && k <= M, "fastgen::knn: need 1 <= k <= M, got k = ", k, ", M = ", M);
+  FG_CHECK_VALUE(k <= MAX_K, "fastgen::knn (CUDA backend): k must be <= ", MAX_K, ", got k = ", k);
+  FG_CHECK_VALUE(M < (int64_t)INT_MAX, "fastgen::knn (CUDA backend): M (key rows) must be < 2^31 - 1, got ", M);
+  FG_CHECK_VALUE(D >= 1, "fastgen::knn: D must be >= 1");
+  const int32_t device = query.get_device_index();
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  void* stream_ptr = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream_ptr));
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const Tensor qc = torch::stable::contiguous(query), kc = torch::stable::contiguous(key);
+  Tensor dist = fastgen::empty(query, {B, N, k}, fastgen::kFloat);
+  Tensor index = fastgen::empty(query, {B, N, k}, fastgen::kLong);
   if (B * N == 0) return {dist, index};
-  if (st == at::kFloat) {
-    launch_k<float>(qc, kc, k, dist, index);
-  } else if (st == at::kHalf) {
-    launch_k<at::Half>(qc, kc, k, dist, index);
+  if (st == fastgen::kFloat) {
+    launch_k<float>(qc, kc, k, dist, index, stream);
+  } else if (st == fastgen::kHalf) {
+    launch_k<torch::headeronly::Half>(qc, kc, k, dist, index, stream);
   } else {
-    launch_k<at::BFloat16>(qc, kc, k, dist, index);
+    launch_k<torch::headeronly::BFloat16>(qc, kc, k, dist, index, stream);
   }
   return {dist, index};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastgen, CUDA, m) { m.impl("_knn_kernel", &knn_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(fastgen, CUDA, m) { m.impl("_knn_kernel", TORCH_BOX(&knn_cuda)); }
