@@ -1,6 +1,7 @@
 // fastgen::knn on CPU, the compute code: exact k-nearest-neighbour search, OpenMP + a hand-vectorised
 // micro-kernel. Compiled once per instruction set (csrc/cpu/isa/knn_<isa>.cpp, see isa_begin.h):
-// FASTGEN_ISA_LEVEL 2 runs an 8 x 48 AVX-512 tile, 1 a 6 x 16 AVX2 + FMA tile, 0 a portable 4 x 16 tile.
+// FASTGEN_ISA_LEVEL 2 runs an 8 x 48 AVX-512 tile, 1 a 6 x 16 AVX2 + FMA tile, 0 a 4 x 12 SSE tile
+// on x86-64 (a portable 4 x 16 tile elsewhere).
 // The tensor boundary (checks, allocation, registration) is csrc/cpu/knn.cpp.
 //
 // query [B, N, D], key [B, M, D] (float32, float64, float16 or bfloat16, same dtype), 1 <= k <= M.
@@ -78,6 +79,23 @@ struct Simd {
 };
 constexpr int MR = 6;  // 6 x 16, 12 accumulators (16 ymm registers)
 constexpr int NV = 2;
+#elif defined(__x86_64__) && (!defined(FASTGEN_NATIVE_BUILD) || defined(__SSE4_1__))
+// Baseline x86-64 (SSE): 4 lanes, no FMA (a * b + c is two roundings: kFMA = false for the bound).
+struct Simd {
+  static constexpr int W = 4;
+  static constexpr bool kFMA = false;
+  using V = __m128;
+  static inline V zero() { return _mm_setzero_ps(); }
+  static inline V load(const float* p) { return _mm_loadu_ps(p); }
+  static inline V set1(float x) { return _mm_set1_ps(x); }
+  static inline V fma(V a, V b, V c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+  static inline V add(V a, V b) { return _mm_add_ps(a, b); }
+  static inline void store(float* p, V v) { _mm_storeu_ps(p, v); }
+  static inline uint64_t lt(V a, V b) { return (uint64_t)(uint32_t)_mm_movemask_ps(_mm_cmplt_ps(a, b)); }
+  static inline uint64_t le(V a, V b) { return (uint64_t)(uint32_t)_mm_movemask_ps(_mm_cmple_ps(a, b)); }
+};
+constexpr int MR = 4;  // 4 x 12, 12 accumulators (16 xmm registers)
+constexpr int NV = 3;
 #else
 // Portable fallback: plain arrays of 8 lanes; the compiler may or may not fuse a * b + c, so the
 // error bound counts two roundings per step (kFMA = false).
