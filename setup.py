@@ -62,7 +62,7 @@ def _extensions():
                + sorted(glob.glob(os.path.join(here, "csrc", "cpu", "isa", "*.cpp")))]
     # -g0: no debug info (Python's CFLAGS add -g: larger objects, slower compiles of the kernels)
     cxx = ["-O3", "-fopenmp", "-std=c++17", "-Wno-psabi", "-g0",
-           # the wheel's glibc floor stays torch's (manylinux_2_28): csrc/compat/glibc_compat.h
+           # the wheel's glibc floor stays at or below torch's (manylinux_2_28): csrc/compat/
            "-include", os.path.join(here, "csrc", "compat", "glibc_compat.h")]
     if os.environ.get("FASTGEN_NATIVE", "0") == "1":
         cxx += ["-march=native", "-DFASTGEN_NATIVE_BUILD"]

@@ -1,6 +1,6 @@
 // Force-included (-include) into every C++ source of fastgen._C by setup.py, with
-// csrc/compat/sys/single_threaded.h: they keep the extension's glibc floor at torch's own
-// (manylinux_2_28), so that the wheel installs wherever torch's does.
+// csrc/compat/sys/single_threaded.h: they keep the extension's glibc floor at or below torch's own
+// (manylinux_2_28; the repaired wheel is manylinux_2_24), so that it installs wherever torch does.
 //
 // glibc 2.29 added new versions of exp, exp2, log, log2 and pow (the same functions without the
 // old SVID error-handling wrapper); a build on a newer glibc binds to them and needs GLIBC_2.29.
