@@ -58,3 +58,18 @@ def backends_for(op: str) -> list:
     params = [pytest.param("cpu", marks=pytest.mark.skipif(not has_ext_kernel(op), reason="fastgen._C not built"))]
     params.append(pytest.param("triton", marks=pytest.mark.skipif(not has_triton(), reason="triton not installed")))
     return out + params
+
+
+# gradcheck flags of the torch.func tests (issue #12): every mode torch can check
+GRAD_FLAGS = dict(check_forward_ad=True, check_backward_ad=True, check_batched_grad=True,
+                  check_batched_forward_grad=True)
+
+
+def knn_backends() -> list:
+    """The knn backends the exact (non-interpreted) torch.func tests run on: torch, cpu, faiss."""
+    return ["torch",
+            pytest.param("cpu", marks=pytest.mark.skipif(not has_ext_kernel("knn"), reason="fastgen._C not built")),
+            pytest.param("faiss", marks=pytest.mark.skipif(not has_faiss(), reason="faiss not installed"))]
+
+
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not has_triton(), reason="triton not installed"))

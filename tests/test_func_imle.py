@@ -15,17 +15,10 @@ from torch.autograd import gradcheck, gradgradcheck
 import fastgen
 import fastgen.ops.imle_loss as il
 from fastgen.reference import imle_loss as ref
-from conftest import has_ext_kernel, has_faiss, has_triton
+from conftest import GRAD_FLAGS, TRITON, knn_backends
 
 F64 = torch.float64
-BACKENDS = [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not has_ext_kernel("knn"), reason="fastgen._C not built")),
-    pytest.param("faiss", marks=pytest.mark.skipif(not has_faiss(), reason="faiss not installed")),
-]
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(not has_triton(), reason="triton not installed"))
-GRAD_FLAGS = dict(check_forward_ad=True, check_backward_ad=True, check_batched_grad=True,
-                  check_batched_forward_grad=True)
+BACKENDS = knn_backends()
 RADIUS = 1.5
 
 # (name, samples shape, data shape, kwargs)

@@ -14,18 +14,11 @@ from torch.autograd import gradcheck, gradgradcheck
 import fastgen
 from fastgen import _dispatch
 from fastgen.reference.knn import knn as ref_knn, neighbour_dist2
-from conftest import has_ext_kernel, has_faiss, has_triton
+from conftest import GRAD_FLAGS, TRITON, knn_backends
 
 F64 = torch.float64
-BACKENDS = [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not has_ext_kernel("knn"), reason="fastgen._C not built")),
-    pytest.param("faiss", marks=pytest.mark.skipif(not has_faiss(), reason="faiss not installed")),
-]
-# Triton runs in the interpreter on CPU (~0.5 s a call): fast-mode checks on tiny shapes only
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(not has_triton(), reason="triton not installed"))
-GRAD_FLAGS = dict(check_forward_ad=True, check_backward_ad=True, check_batched_grad=True,
-                  check_batched_forward_grad=True)
+BACKENDS = knn_backends()
+# TRITON: the interpreter on CPU (~0.5 s a call): fast-mode checks on tiny shapes only
 
 
 def separated(q_shape, k_shape, k, seed, gap=1e-3):
