@@ -77,10 +77,15 @@ def needs_autograd(args) -> bool:
     return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
 
 
-def fast_backward() -> bool:
+def fast_backward(*grads) -> bool:
     """True in a backward that need not be differentiable (no create_graph, no torch.func
-    transform): a fused, non-differentiable backward kernel may run."""
-    return not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+    transform) and whose incoming ``grads`` are not BatchedTensors of the legacy vmap
+    (``autograd.grad(is_grads_batched=True)``, gradcheck's check_batched_grad, which neither turns
+    grad mode on nor activates a torch.func transform): a fused, non-differentiable backward kernel
+    may run."""
+    return (not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+            and not any(isinstance(g, torch.Tensor) and torch._C._functorch.is_legacy_batchedtensor(g)
+                        for g in grads))
 
 
 def define(name: str, schema: str, impl, *, fake, autograd: type[OpFunction] | None = None, vmap=None):

@@ -681,13 +681,6 @@ def _formula_coefs(x, t, v, eps, log_var, beta):
     return gi, gv
 
 
-def _fast_backward(grad_out) -> bool:
-    """fastgen._compile.fast_backward(), and grad_out is not a BatchedTensor of the legacy vmap
-    (torch._vmap_internals: gradcheck's check_batched_grad), which leaves grad mode off and no
-    functorch transform active."""
-    return _compile.fast_backward() and not torch._C._functorch.is_legacy_batchedtensor(grad_out)
-
-
 class _NLLFunction(_compile.OpFunction):
     """Autograd kernel of fastgen::gaussian_nll_loss (arguments: the op's, then the caller's grad
     mode, appended by :func:`_autograd_kernel`)."""
@@ -726,7 +719,7 @@ class _NLLFunction(_compile.OpFunction):
         full, eps, reduction, log_var, beta = ctx.args
         need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
         stash, ctx.stash = ctx.stash, None  # hand the buffers over: autograd may keep them as .grad
-        if _fast_backward(grad_out):
+        if _compile.fast_backward(grad_out):
             with _dispatch.use_backend(ctx.backend, "gaussian_nll") if ctx.backend else contextlib.nullcontext():
                 if reduction != "none":
                     if stash is None:  # a second backward (retain_graph=True): recompute them

@@ -529,7 +529,7 @@ class _SpreadLogLikelihood(_compile.OpFunction):
     def backward(ctx, g):
         y, samples, sigma, out = ctx.saved_tensors
         ny, nx, ns = ctx.needs_input_grad[:3]
-        if _compile.fast_backward():  # fused, flash-style: recomputes the pairwise tiles
+        if _compile.fast_backward(g):  # fused, flash-style: recomputes the pairwise tiles
             gy, gx, gs = _backward_op(g, y, samples, sigma, out, ctx.kind, ny, nx, ns)
         else:  # differentiable: double backward, forward-over-reverse, vmap over the backward
             gy, gx, gs = _vjp_torch(g.to(y.dtype), y, samples, sigma, ctx.kind, ny, nx, ns)

@@ -613,7 +613,7 @@ class _SpreadNoise(_compile.OpFunction):
         gs = None
         if ctx.has_sigma and ctx.needs_input_grad[1]:
             sigma, seed = ctx.saved_tensors
-            if _compile.fast_backward():  # one fused pass, the noise regenerated in registers
+            if _compile.fast_backward(grad_y):  # one fused pass, the noise regenerated in registers
                 gs = _grad_sigma_op(grad_y, sigma, ctx.kind, seed, ctx.offset, ctx.backend)
             else:  # differentiable (linear in grad_y): double backward, torch.func
                 eps = _regenerate(ctx, sigma, seed)
