@@ -11,7 +11,7 @@ import fastgen
 from fastgen._dispatch import use_backend
 from fastgen.reference import gaussian_nll as ref
 
-from conftest import backends_for
+from conftest import backends_for, has_ext_kernel
 
 BACKENDS = backends_for("gaussian_nll")
 REDUCTIONS = ("mean", "sum", "none")
@@ -121,6 +121,31 @@ def test_larger_shapes_split_across_tasks(backend):
             ex, ev = torch.autograd.grad(want, [x64, v64], g)
             torch.testing.assert_close(gx.double(), ex, rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(gv.double(), ev, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not has_ext_kernel("gaussian_nll"), reason="fastgen._C not built")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_large_outputs_start_on_huge_page_boundaries(reduction):
+    # outputs of >= 8 MiB are 2 MiB-aligned views (csrc/cpu/boundary.h empty_huge): same values as
+    # torch, contiguous, of the input's shape, and (for "none") the loss too
+    torch.manual_seed(2)
+    x = torch.randn(1024, 2049, requires_grad=True)  # 8.0 MiB + one row: odd tail
+    t = torch.randn(1024, 2049)
+    v = (torch.rand(1024, 2049) + 0.1).requires_grad_()
+    with use_backend("cpu", "gaussian_nll"):
+        out = fastgen.gaussian_nll_loss(x, t, v, reduction=reduction)
+    x64, v64 = x.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+    want = F.gaussian_nll_loss(x64, t.double(), v64, reduction=reduction)
+    g = torch.randn_like(want)
+    gx, gv = torch.autograd.grad(out, [x, v], g.float())
+    ex, ev = torch.autograd.grad(want, [x64, v64], g)
+    outs = [gx, gv] + ([out] if reduction == "none" else [])
+    for o in outs:
+        assert o.shape == x.shape and o.is_contiguous()
+        assert o.data_ptr() % (2 << 20) == 0
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), ex, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gv.double(), ev, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -509,3 +509,17 @@ def test_forward_over_forward_raises():
     with pytest.raises(NotImplementedError, match="forward-over-forward"):
         torch.func.jacfwd(torch.func.jacfwd(lambda s: (f(x, s) ** 3).sum()))(s)
     torch.func.jacfwd(torch.func.jacrev(lambda s: (f(x, s) ** 3).sum()))(s)
+
+
+@pytest.mark.skipif(not has_ext_kernel("spread_noise"), reason="fastgen._C not built")
+def test_cpu_large_output_starts_on_a_huge_page_boundary():
+    # >= 8 MiB outputs are 2 MiB-aligned contiguous views (csrc/cpu/boundary.h empty_huge): the
+    # same noise as a small call's prefix stream, in the input's shape
+    x = torch.randn(3, 1024, 1023)  # 12 MiB, odd last dim
+    y = _run("cpu", x, 0.5, "gaussian", 11)
+    assert y.shape == x.shape and y.is_contiguous() and y.data_ptr() % (2 << 20) == 0
+    eps = _noise("cpu", x.shape, "gaussian", seed=11)
+    assert eps.data_ptr() % (2 << 20) == 0
+    torch.testing.assert_close(y, x + 0.5 * eps, rtol=1e-6, atol=1e-6)
+    e = eps.double()
+    assert abs(e.mean().item()) < 5e-3 and abs(e.std().item() - 1) < 5e-3

@@ -32,14 +32,8 @@ void check_args(const Tensor& x, const Tensor& t, const Tensor& v, int64_t A, in
   FG_CHECK_VALUE(x.is_cpu() && t.is_cpu() && v.is_cpu(), "gaussian_nll: CPU tensors expected");
 }
 
-// Outputs of 8 MiB or more get transparent huge pages on their 2 MiB-aligned interior before the
-// first touch (fastgen_cpu::advise_huge_pages): a fresh 64 MiB gradient otherwise costs more in
-// 4 KiB page faults than the whole fused pass.
-Tensor alloc_out(const Tensor& like, int64_t numel, ScalarType dtype) {
-  Tensor out = fastgen::empty(like, {numel}, dtype);
-  fastgen_cpu::advise_huge_pages(out.mutable_data_ptr(), numel * (int64_t)out.element_size());
-  return out;
-}
+// Outputs: 2 MiB-aligned with transparent huge pages when large (fastgen::empty_huge).
+Tensor alloc_out(const Tensor& like, int64_t numel, ScalarType dtype) { return fastgen::empty_huge(like, {numel}, dtype); }
 
 // reduction: 0 none, 1 mean, 2 sum.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gaussian_nll_cpu(

@@ -30,10 +30,9 @@ ScalarType acc_type(ScalarType t) { return t == fastgen::kDouble ? fastgen::kDou
 Tensor spread_noise_cpu(Tensor x, Tensor sigma_in, int64_t kind, int64_t seed, int64_t offset) {
   check_args(x, sigma_in, kind, "x");
   const auto dt = fastgen::kernel_dtype(x.scalar_type(), "spread_noise (cpu)");
-  Tensor y = fastgen::empty(x, fastgen::sizes_of(x), x.scalar_type());
+  Tensor y = fastgen::empty_huge(x, fastgen::sizes_of(x), x.scalar_type());  // 2 MiB-aligned huge pages when large
   const int64_t numel = x.numel();
   if (numel == 0) return y;
-  fastgen_cpu::advise_huge_pages(y.mutable_data_ptr(), numel * (int64_t)y.element_size());
   // sigma in the accumulation type, contiguous (no copy when it already is)
   const Tensor sigma = torch::stable::contiguous(torch::stable::to(sigma_in, acc_type(x.scalar_type())));
   const bool scalar_sigma = sigma.numel() == 1;
