@@ -85,23 +85,42 @@ template <typename T>
 inline void vstore(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
-// sign(d) with sign(0) = 0, lane-wise
-template <typename T>
-inline typename Vec<T>::type vsign(typename Vec<T>::type d) {
-  using VI = typename IVec<T>::type;
+// sign(d) with sign(0) = 0, lane-wise, for any vector VV of T
+template <typename T, typename VV>
+inline VV vsign_any(VV d) {
   using I = typename IVec<T>::I;
-  const I sbit = (I)((std::make_unsigned_t<I>)1 << (sizeof(I) * 8 - 1));
+  using U = std::make_unsigned_t<I>;
+  typedef I VI __attribute__((vector_size(sizeof(VV))));
+  typedef U VU __attribute__((vector_size(sizeof(VV))));
+  const I sbit = (I)((U)1 << (sizeof(I) * 8 - 1));
   const I one = sizeof(T) == 4 ? (I)0x3f800000 : (I)0x3ff0000000000000LL;
   VI b = (VI)d;
   // nonzero mask without a compare (GCC 12 scalarises compares of vectors wider than the
   // registers on AVX2): |d| bits + (2^(bits-1) - 1) sets the sign bit iff |d| != 0; an
   // arithmetic shift spreads it.
-  using U = std::make_unsigned_t<I>;
-  typedef U VU __attribute__((vector_size(sizeof(T) * L)));
   const VU a = (VU)b & (U)(~sbit);
   const VI nz = (VI)(a + (U)(~sbit)) >> (int)(sizeof(I) * 8 - 1);
   VI r = ((b & sbit) | one) & nz;
-  return (typename Vec<T>::type)r;
+  return (VV)r;
+}
+// One native register of T (AVX-512: 64 bytes, AVX2: 32, SSE: 16): the backward's second pass
+// runs on these, a 16-lane tile being 1 / 2 / 4 registers (on AVX2, 64-byte vectors made GCC
+// spill the accumulators: the pass ran 2.4x slower than on AVX-512).
+constexpr int NB = FASTGEN_ISA_LEVEL == 2 ? 64 : FASTGEN_ISA_LEVEL == 1 ? 32 : 16;
+template <typename T>
+struct NVec {
+  typedef T type __attribute__((vector_size(NB)));
+  static constexpr int lanes = NB / (int)sizeof(T);
+};
+template <typename T>
+inline typename NVec<T>::type nload(const T* p) {
+  typename NVec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void nstore(T* p, typename NVec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
 }
 inline Vec<double>::type vexp_neg(Vec<double>::type x) {
   for (int l = 0; l < L; ++l) x[l] = std::exp(x[l]);
@@ -335,34 +354,42 @@ void backward_impl(const Problem<T>& p, const T* g, const double* lse, const T* 
               tw[t][r] = e;
             }
           }
-          // pass 2
+          // pass 2, on native registers (NL lanes, L / NL per tile)
+          using N = typename NVec<T>::type;
+          constexpr int NL = NVec<T>::lanes;
           for (int64_t j = 0; j < D; ++j) {
             // independent accumulators per row: no loop-carried chain longer than one add
-            V gya[R] = {}, ssa[R] = {};
+            N gya[R] = {}, ssa[R] = {};
             const T yv[R] = {yr[0][j], yr[1][j], yr[2][j], yr[3][j]};
             const T* xqj = xqb + j * SB;
             T* gxj = gxblk ? gxblk + j * SB : nullptr;
             for (int t = 0; t < nt; ++t) {
-              const V xv = vload(xqj + t * L);
-              V u[R];
-              for (int r = 0; r < R; ++r) {
-                const V d = yv[r] - xv;
-                u[r] = tw[t][r] * (KIND == 0 ? d : vsign<T>(d));
-                if (need_y) gya[r] += u[r];        // (loop-invariant flags: unswitched)
-                if (need_sigma) ssa[r] += u[r] * d;
+              for (int h = 0; h < L / NL; ++h) {
+                const N xv = nload(xqj + t * L + h * NL);
+                N u[R];
+                for (int r = 0; r < R; ++r) {
+                  const N d = yv[r] - xv;
+                  const N w = nload(reinterpret_cast<const T*>(&tw[t][r]) + h * NL);
+                  u[r] = w * (KIND == 0 ? d : vsign_any<T, N>(d));
+                  if (need_y) gya[r] += u[r];        // (loop-invariant flags: unswitched)
+                  if (need_sigma) ssa[r] += u[r] * d;
+                }
+                if (gxj) {
+                  T* gp = gxj + t * L + h * NL;
+                  nstore(gp, nload(gp) + ((u[0] + u[1]) + (u[2] + u[3])));
+                }
               }
-              if (gxj) vstore(gxj + t * L, vload(gxj + t * L) + ((u[0] + u[1]) + (u[2] + u[3])));
             }
             if (need_y)
               for (int r = 0; r < R && rg + r < nr; ++r) {
                 T sum = T(0);
-                for (int l = 0; l < L; ++l) sum += gya[r][l];
+                for (int l = 0; l < NL; ++l) sum += gya[r][l];
                 gyrow[(size_t)(rg + r) * D + j] += sum;
               }
             if (need_sigma) {
-              const V ss = (ssa[0] + ssa[1]) + (ssa[2] + ssa[3]);
+              const N ss = (ssa[0] + ssa[1]) + (ssa[2] + ssa[3]);
               double sum = 0.0;
-              for (int l = 0; l < L; ++l) sum += (double)ss[l];
+              for (int l = 0; l < NL; ++l) sum += (double)ss[l];
               gs[j] += sum;
             }
           }
