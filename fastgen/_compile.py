@@ -88,9 +88,13 @@ def fast_backward(*grads) -> bool:
                         for g in grads))
 
 
-def define(name: str, schema: str, impl, *, fake, autograd: type[OpFunction] | None = None, vmap=None):
+def define(name: str, schema: str, impl, *, fake, autograd: type[OpFunction] | None = None, vmap=None,
+           pass_grad_mode: bool = False):
     """Declare ``fastgen::<name><schema>`` and register impl / fake / autograd / vmap on it (see the
-    module doc). Returns the OpOverload (call it like a function)."""
+    module doc). Returns the OpOverload (call it like a function). ``pass_grad_mode``: the autograd
+    Function's forward gets the caller's ``torch.is_grad_enabled()`` as one more argument (the
+    forward itself runs with grad disabled and cannot see it), e.g. to compute fused gradients
+    only when a backward can follow."""
     LIB.define(name + schema)
     qual = f"{NAMESPACE}::{name}"
     LIB.impl(name, impl, "CompositeExplicitAutograd")
@@ -113,7 +117,7 @@ def define(name: str, schema: str, impl, *, fake, autograd: type[OpFunction] | N
                 with torch._C._AutoDispatchBelowAutograd():
                     return overload(*args)
             with enable_single_level_autograd_function():
-                return apply(*args)
+                return apply(*args, torch.is_grad_enabled()) if pass_grad_mode else apply(*args)
 
         LIB.impl(name, autograd_kernel, "Autograd")
     if vmap is not None:

@@ -201,12 +201,14 @@ def failures() -> dict[tuple[str, str, str], str]:
 
 
 def run(op: str, args: tuple, *, backend: str = "auto", device_type: str = "cpu", kwargs: dict | None = None,
-        **shape_info):
+        choice: tuple | None = None, **shape_info):
     """Select the backend of ``op`` (as :func:`select`) and call it with ``args``; under "auto", a
     "triton" / "cuda" backend that raises (compile or launch failure) is marked failed and the next
-    backend runs (see the module doc). Returns the implementation's result."""
+    backend runs (see the module doc). ``choice``: the ``(name, impl)`` the caller already got from
+    :func:`select` with the same arguments (not selected twice). Returns the implementation's
+    result."""
     explicit = backend != "auto" or _override(op) is not None
-    name, impl = select(op, backend, device_type, **shape_info)
+    name, impl = choice if choice is not None else select(op, backend, device_type, **shape_info)
     while True:
         try:
             return impl(*args, **(kwargs or {}))

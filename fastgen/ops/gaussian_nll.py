@@ -45,7 +45,6 @@ import os
 from types import SimpleNamespace
 
 import torch
-from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -683,7 +682,7 @@ def _formula_coefs(x, t, v, eps, log_var, beta):
 
 class _NLLFunction(_compile.OpFunction):
     """Autograd kernel of fastgen::gaussian_nll_loss (arguments: the op's, then the caller's grad
-    mode, appended by :func:`_autograd_kernel`)."""
+    mode, appended by the autograd kernel: ``_compile.define(..., pass_grad_mode=True)``)."""
 
     @staticmethod
     def forward(ctx, input, target, var, full, eps, reduction, log_var, beta, check_var, grad_on):
@@ -736,7 +735,6 @@ class _NLLFunction(_compile.OpFunction):
 
     @staticmethod
     def jvp(ctx, d_input, d_target, d_var, *_):
-        _compile.forbid_forward_over_forward("gaussian_nll_loss")  # else the 2nd-order term is lost
         input, target, var = ctx.saved_tensors
         full, eps, reduction, log_var, beta = ctx.args
         dt = _result_dtype(input, target, var)
@@ -803,22 +801,8 @@ gaussian_nll_loss_op = _compile.define(
     # calls a Python kernel)
     "(Tensor input, Tensor target, Tensor var, bool full, float eps, str reduction, bool log_var, float beta, "
     "int check_var) -> Tensor",
-    _loss_impl, fake=_loss_fake, vmap=_vmap_rule)
-_NLLFunction.op = gaussian_nll_loss_op
-_apply = super(torch.autograd.Function, _NLLFunction).apply  # the single-level Function.apply
-
-
-def _autograd_kernel(*args):
-    # as fastgen._compile.define's autograd kernel, plus the caller's grad mode (the forward runs
-    # with grad disabled and cannot see it): the fused gradients are computed only when it is on
-    if not _compile.needs_autograd(args):  # nothing can record this call: no Function node
-        with torch._C._AutoDispatchBelowAutograd():
-            return gaussian_nll_loss_op(*args)
-    with enable_single_level_autograd_function():
-        return _apply(*args, torch.is_grad_enabled())
-
-
-_compile.LIB.impl("gaussian_nll_loss", _autograd_kernel, "Autograd")
+    _loss_impl, fake=_loss_fake, autograd=_NLLFunction, vmap=_vmap_rule,
+    pass_grad_mode=True)  # the fused gradients are computed only when grad mode is on
 
 
 # ----------------------------------------------------------------------------------------------

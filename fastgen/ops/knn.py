@@ -410,9 +410,11 @@ def _knn_impl(query, key, k, backend):
     Bsz, N, D = query.shape
     M = key.shape[1]
     info = dict(B=Bsz, N=N, M=M, D=D, k=k, dtype=query.dtype, device=query.device.type)
-    name, _ = _dispatch.select("knn", backend, query.device.type, **info)
-    check = _check_finite_inputs(name, query, key)
-    d, i = _dispatch.run("knn", (query, key, k), backend=backend, device_type=query.device.type, **info)
+    choice = _dispatch.select("knn", backend, query.device.type, **info)
+    # (a fallback under "auto" only leaves triton / cuda, whose inputs this has checked)
+    check = _check_finite_inputs(choice[0], query, key)
+    d, i = _dispatch.run("knn", (query, key, k), backend=backend, device_type=query.device.type, choice=choice,
+                         **info)
     return _own(_poison(d, check)), _own(i)
 
 
