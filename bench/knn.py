@@ -284,6 +284,22 @@ def main(argv=None) -> int:
                     tm = bench(lambda: impls[name](qr, kr), device=device, rep_ms=rep_ms)
                     rec.add(case + " random", name, qr.dtype, "fwd", tm, note="unit-normal data")
             del qr, kr
+        if not cuda and not args.quick and D >= 128:
+            # the same shape on unit-normal data: no cluster structure, so the cpu backend's
+            # cluster pruning (fastgen/ops/knn.py _pruned_search) cannot help: its worst case
+            g = torch.Generator().manual_seed(2)
+            qr, kr = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g)
+            rnd = {}
+            for name in cpu_names + ["faiss-cpu"]:
+                if name in impls:
+                    tm = bench(lambda: impls[name](qr, kr), device=device, rep_ms=rep_ms)
+                    rnd[name] = tm["median_ms"]
+                    rec.add(case + " random", name, qr.dtype, "fwd", tm, note="unit-normal data, no cluster structure")
+            for name in cpu_names:
+                if name in rnd and "faiss-cpu" in rnd:
+                    summary.append(f"{case} random (unit-normal, no clusters): {name} {rnd[name]:.1f} ms, "
+                                   f"{rnd['faiss-cpu'] / rnd[name]:.2f}x vs faiss-cpu ({rnd['faiss-cpu']:.1f} ms)")
+            del qr, kr
         ours_list = [n for n in cpu_names if n in res] or \
             [n for n in ("fastgen-cpu", "fastgen-triton", "fastgen-torch") if n in res][:1]
         for ours in ours_list:

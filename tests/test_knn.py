@@ -308,3 +308,129 @@ def test_cpu_threaded_ranges_and_rescan():
         check(q, key, 3, "cpu")
     finally:
         torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------ the cpu backend's cluster pruning
+# fastgen/ops/knn.py _pruned_search: the C++ kernel on cluster-pruned key subsets must return the
+# kernel's full-scan answer index for index and bit for bit (ties to the lowest index included).
+def _pruning_data(case, g):
+    def blobs(n, centres, scale):
+        return centres[torch.randint(len(centres), (n,), generator=g)] + scale(n)
+    if case == "clustered-offset":       # the benchmark's data, smaller: 60 tight clusters at 1e3
+        c = torch.randn(60, 160, generator=g, dtype=torch.float64) * 3
+        noise = lambda n: 1e-2 * torch.randn(n, 160, generator=g, dtype=torch.float64)  # noqa: E731
+        return (blobs(500, c, noise) + 1e3).float(), (blobs(6000, c, noise) + 1e3).float()
+    if case == "lattice-ties-duplicates":  # exact ties everywhere: cluster centres + {0, 1/4}^D
+        c = torch.randint(-40, 40, (30, 128), generator=g).double()
+        lat = lambda n: torch.randint(0, 2, (n, 128), generator=g).double() / 4  # noqa: E731
+        key = blobs(4000, c, lat)
+        key = torch.cat([key, key[:1500]])  # duplicates, later indices
+        q = torch.cat([key[:200], blobs(300, c, lat)])
+        return q.float(), key.float()
+    if case == "split-clusters":  # fewer clusters than pivots: every cluster split between groups
+        c = torch.randn(4, 256, generator=g, dtype=torch.float64) * 10
+        noise = lambda n: 0.05 * torch.randn(n, 256, generator=g, dtype=torch.float64)  # noqa: E731
+        return blobs(400, c, noise).float(), blobs(5000, c, noise).float()
+    if case == "tiny-clusters":  # many clusters of 2-3 keys: k exceeds most groups
+        c = torch.randn(2000, 128, generator=g, dtype=torch.float64) * 5
+        noise = lambda n: 1e-3 * torch.randn(n, 128, generator=g, dtype=torch.float64)  # noqa: E731
+        return blobs(300, c, noise).float(), blobs(5000, c, noise).float()
+    raise ValueError(case)
+
+
+@pytest.mark.skipif(not has_ext_kernel("knn"), reason="fastgen._C not built")
+@pytest.mark.parametrize("case", ["clustered-offset", "lattice-ties-duplicates", "split-clusters", "tiny-clusters"])
+@pytest.mark.parametrize("k", [1, 3, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_pruned_search_is_the_full_scan(case, k, dtype):
+    from fastgen import _backend
+    from fastgen.ops import knn as K
+
+    kernel = _backend.ext_op("_knn_kernel")
+    q, key = _pruning_data(case, torch.Generator().manual_seed(3))
+    q, key = q.to(dtype)[None], key.to(dtype)[None]
+    sizes = []
+
+    def counting(a, b, kk):
+        sizes.append(b.shape[1])
+        return kernel(a, b, kk)
+
+    d, i = K._pruned_search(q, key, k, counting)
+    d0, i0 = kernel(q, key, k)
+    assert torch.equal(i, i0) and torch.equal(d, d0)
+    if case != "tiny-clusters":  # the pruning ran: most searches saw a fraction of the keys
+        assert len(sizes) > 1 and sum(sizes) < 0.5 * len(sizes) * key.shape[1]
+    rows = torch.arange(0, q.shape[1], 37)
+    rd, ri = ref_knn(q[0, rows].double(), key[0].double(), k)
+    assert torch.equal(i[0, rows], ri)
+
+
+@pytest.mark.skipif(not has_ext_kernel("knn"), reason="fastgen._C not built")
+def test_cpu_pruned_search_falls_back():
+    from fastgen import _backend
+    from fastgen.ops import knn as K
+
+    kernel = _backend.ext_op("_knn_kernel")
+    calls = []
+
+    def counting(a, b, kk):
+        calls.append(b.shape[1])
+        return kernel(a, b, kk)
+
+    g = torch.Generator().manual_seed(4)
+    # no cluster structure: one search of every key
+    q, key = torch.randn(1, 300, 128, generator=g), torch.randn(1, 4000, 128, generator=g)
+    d, i = K._pruned_search(q, key, 2, counting)
+    assert calls == [4000] and torch.equal(i, kernel(q, key, 2)[1])
+    # NaN / inf anywhere (also in a key no query would have searched): the kernel's ValueError
+    q, key = _pruning_data("clustered-offset", g)
+    for name, bad in (("key", key.clone()), ("query", q.clone())):
+        bad[-1, 5] = float("nan") if name == "key" else float("inf")
+        a, b = (q, bad) if name == "key" else (bad, key)
+        with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+            K._pruned_search(a[None], b[None], 1, kernel)
+    # lowered fp32 matmul precision: the bounds widen with it, the answer stays exact
+    prec = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        d, i = K._pruned_search(q[None], key[None], 3, kernel)
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    assert torch.equal(i, kernel(q[None], key[None], 3)[1])
+
+
+@pytest.mark.skipif(not has_ext_kernel("knn"), reason="fastgen._C not built")
+def test_cpu_pruned_search_end_to_end(monkeypatch):
+    # through fastgen.knn with the size threshold lowered: values, indices, gradients
+    from fastgen.ops import knn as K
+
+    monkeypatch.setattr(K, "_PRUNE_MIN_WORK", 0)
+    q, key = _pruning_data("clustered-offset", torch.Generator().manual_seed(5))
+    qg, kg = q.clone().requires_grad_(), key.clone().requires_grad_()
+    with _dispatch.use_backend("cpu", "knn"):
+        d, i = fastgen.knn(qg, kg, 2)
+        (d.sum()).backward()
+    rd, ri = ref_knn(q.double(), key.double(), 2)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(d.double(), rd, rtol=1e-6, atol=1e-6)
+    want_q = 2 * (q.double()[:, None, :] - key.double()[ri]).sum(1)
+    torch.testing.assert_close(qg.grad.double(), want_q, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not has_ext_kernel("knn"), reason="fastgen._C not built")
+def test_cpu_pruned_search_float64_structure_below_fp32_resolution():
+    # clusters of std 1e-7 at 1e3: finer than fp32 there; the float64 bounds must still hold
+    from fastgen import _backend
+    from fastgen.ops import knn as K
+
+    kernel = _backend.ext_op("_knn_kernel")
+    g = torch.Generator().manual_seed(6)
+    c = torch.randn(30, 160, generator=g, dtype=torch.float64)
+    q = c[torch.randint(0, 30, (400,), generator=g)] + 1e-7 * torch.randn(400, 160, generator=g, dtype=torch.float64)
+    key = c[torch.randint(0, 30, (5000,), generator=g)] + 1e-7 * torch.randn(5000, 160, generator=g,
+                                                                              dtype=torch.float64)
+    q, key = (q + 1e3)[None], (key + 1e3)[None]
+    for k in (1, 4):
+        d, i = K._pruned_search(q, key, k, kernel)
+        d0, i0 = kernel(q, key, k)
+        assert torch.equal(i, i0) and torch.equal(d, d0)

@@ -8,7 +8,10 @@ then "cuda", then "faiss" (faiss-gpu), then "torch"; "cuda" is taken by "auto" o
 
 * ``"cpu"``: the C++ kernel of csrc/cpu/knn.cpp (OpenMP, AVX-512 / AVX2 micro-kernel): centred
   fp32 expansion ``||b||^2 - 2 a.b`` on register tiles, running top-C per query, exact re-rank
-  in double, rigorous certificate, pruned exact rescan of uncertified queries.
+  in double, rigorous certificate, pruned exact rescan of uncertified queries. Large searches
+  (one set, D >= 128, N M D >= 2^31) on data with cluster structure first partition the keys
+  around sqrt(M) pivots and search each query's candidate groups only, skipping the groups the
+  triangle inequality rules out (:func:`_pruned_search`: the same answer, bit for bit).
 * ``"cuda"``: the CUDA kernel of csrc/cuda/knn.cu (extension fastgen._C_cuda, built with
   FASTGEN_CUDA=1): fp32 direct-difference distances on shared-memory tiles (no cancellation),
   running top-C per query, exact double re-rank, certificate from the relative error bound
@@ -34,8 +37,10 @@ strictly above the exact k-th distance of the candidates, the k neighbours are e
 """
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import operator
+import os
 
 import torch
 
@@ -296,8 +301,145 @@ def _knn_cpu_ok(**info) -> bool:
 @_dispatch.register("knn", "cpu", auto_filter=_knn_cpu_ok)
 def knn_cpu(query: torch.Tensor, key: torch.Tensor, k: int):
     """The C++ kernel (csrc/cpu/knn.cpp) on CPU tensors: float32 / float64 / float16 / bfloat16
-    read directly (dist2 float64 for float64, else float32)."""
-    return _backend.ext_op("_knn_kernel")(query.contiguous(), key.contiguous(), k)
+    read directly (dist2 float64 for float64, else float32). Large single searches go through
+    :func:`_pruned_search` (the same kernel on cluster-pruned key subsets; the same result)."""
+    kernel = _backend.ext_op("_knn_kernel")
+    query, key = query.contiguous(), key.contiguous()
+    B, N, D = query.shape
+    M = key.shape[1]
+    if B == 1 and D >= _PRUNE_MIN_D and N * M * D >= _PRUNE_MIN_WORK and N >= 256 and M >= 16 * k:
+        return _pruned_search(query, key, k, kernel)
+    return kernel(query, key, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster-pruned exact search (the "cpu" backend's large searches)
+# ---------------------------------------------------------------------------------------------
+# Where it runs: one set (B = 1), D >= 128 and N * M * D >= 2^31 multiply-adds (below that, the
+# fixed costs are not worth it; D = 64 searches are memory- rather than FMA-bound).
+_PRUNE_MIN_D = 128
+_PRUNE_MIN_WORK = 1 << 31
+_PRUNE_SLACK = 1e-6  # relative slack on every bound (the computed ones are exact to ~1e-13)
+
+
+_POOL = [None, None]  # (pid, executor): the kernel keeps a per-thread workspace, so the threads persist
+
+
+def _pool(n: int):
+    """A process-wide thread pool of n workers (recreated after a fork or when n changes)."""
+    pid, ex = _POOL
+    if ex is None or pid != os.getpid() or ex._max_workers != n:
+        ex = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="fastgen-knn")
+        _POOL[:] = [os.getpid(), ex]
+    return ex
+
+
+def _pruned_search(query, key, k, kernel):
+    """Exact kNN of query [1, N, D] in key [1, M, D] by ``kernel`` (the exact C++ search) on
+    cluster-pruned key subsets: the result is the kernel's on the full key set, index for index.
+
+    Triangle-inequality pruning over a partition of the keys (as in exact IVF / ball-tree search):
+    G ~ sqrt(M) pivots p_g (farthest-first traversal of a strided sample of the keys: well
+    separated clusters each get one before any gets two), every key in the group of its nearest
+    pivot, r_g >= max ||k - p_g|| over the group. A query's k-th neighbour distance is at most
+    U = ||q - p_o|| + r_o for its nearest pivot's group o (when that holds >= k keys), and a key of
+    any group h is at least LB_h = ||q - p_h|| - r_h away: groups with LB_h > U hold no key of the
+    top k, not even a tie. So each query's answer is the exact search of the union of the groups
+    with LB_h <= U (one search per nearest-pivot group, keys kept in index order so that the
+    kernel's lowest-index tie rule is the global one). The bounds are rigorous: r_g from the
+    assignment's fp32 matmul plus its error bound (D + 2) u (||k - s|| + ||p||)^2 (u of torch's fp32
+    matmul precision setting) plus the fp32 centring error 2^-23 max ||k - s|| (s: the shift);
+    ||q - p_h|| from a float64 expansion, +-1e-9 of the squared norms. NaN / inf input, fp32
+    overflow and data without cluster structure (the sample's covering radius above a quarter of
+    its spread: pruning would save nothing) go straight to the kernel on all keys."""
+    q, kk = query[0], key[0]
+    N, D = q.shape
+    M = kk.shape[0]
+    f64 = torch.float64
+    G = int(min(256, max(16, round(math.sqrt(M)))))
+    step = max(1, M // (8 * G))
+    s = kk[::step].to(f64).mean(0).to(torch.float32)   # the shift: any point (a sample mean)
+    samp = kk[::step].float() - s
+    ns = samp.pow(2).sum(1)
+    pick, far = [0], []
+    dmin = ns + ns[0] - 2.0 * (samp @ samp[0])
+    for _ in range(min(G, samp.shape[0]) - 1):
+        j = int(dmin.argmax())
+        far.append(float(dmin[j]))
+        pick.append(j)
+        dmin = torch.minimum(dmin, ns + ns[j] - 2.0 * (samp @ samp[j]))
+    cover = float(dmin.max())
+    if not (math.isfinite(cover) and far and cover < 0.0625 * far[0]):  # (squared: radius < spread / 4)
+        return kernel(query, key, k)
+    cent = samp[pick]
+    G = cent.shape[0]
+    # centred fp32 keys, |error| <= (2^-24 + 2^-53) |k - s| per coordinate (float64 keys are
+    # centred in double first: rounding them to fp32 before the subtraction would not be)
+    kc = (kk - s.to(f64)).float() if kk.dtype == f64 else kk.float() - s
+    nk = torch.linalg.vector_norm(kc, dim=1)
+    q64 = q.to(f64) - s.to(f64)
+    nq = q64.pow(2).sum(1, keepdim=True)
+    if not (bool(torch.isfinite(nk.max())) and bool(torch.isfinite(nq).all())):
+        return kernel(query, key, k)  # NaN / inf input (the kernel raises) or fp32 overflow
+    # every key to its nearest pivot; r^2 = ||kc||^2 + (||p||^2 - 2 kc.p) from the same fp32 matmul,
+    # with |error| <= gamma (||kc|| + ||p||)^2
+    nc32 = (cent * cent).sum(1)
+    best, glab = torch.addmm(nc32, kc, cent.T, alpha=-2.0).min(1)
+    nk = nk.to(f64) * (1 + (D + 2) * _U32 + 1e-6)  # (the fp32 norm's own rounding error)
+    gam = (D + 2) * _matmul_unit(kc.device) + 4 * _U32
+    r2 = nk * nk + best.to(f64) + gam * (nk + nc32.to(f64).sqrt()[glab]) ** 2
+    rad = torch.zeros(G, dtype=f64).scatter_reduce_(0, glab, r2.clamp_min(0).sqrt(), "amax")
+    rad = rad * (1 + 1e-6) + float(nk.max()) * 2.0 ** -23 + 1e-30
+    count = torch.bincount(glab, minlength=G)
+    kperm = torch.argsort(glab, stable=True)
+    kst = [0] + count.cumsum(0).tolist()
+    # ||q - (s + p_h)|| from below and above, every query x every pivot
+    c64 = cent.to(f64)
+    nc = c64.pow(2).sum(1)
+    dq2 = torch.addmm(nq + nc, q64, c64.T, alpha=-2.0)
+    slack = 1e-9 * (nq + nc)
+    dq_lo = (dq2 - slack).clamp_min(0).sqrt() * (1 - 1e-9)
+    own = dq2.argmin(1)
+    rows_all = torch.arange(N)
+    u = (dq2[rows_all, own] + slack[rows_all, own]).sqrt() * (1 + 1e-9) + rad[own]
+    u = torch.where(count[own] >= k, u, torch.full_like(u, float("inf")))
+    need = (dq_lo - rad) <= u[:, None]
+    need[:, count == 0] = False
+    need[rows_all, own] = True
+    qperm = torch.argsort(own, stable=True)
+    qcount = torch.bincount(own, minlength=G).tolist()
+    jobs, full, q0 = [], [], 0
+    for g, nqg in enumerate(qcount):
+        if nqg:
+            rows = qperm[q0:q0 + nqg]
+            q0 += nqg
+            groups = need[rows].any(0)
+            if int(count[groups].sum()) * 2 > M:
+                full.append(rows)
+            else:
+                jobs.append((rows, groups.nonzero().flatten().tolist()))
+    if sum(r.numel() for r in full) * 2 > N:
+        return kernel(query, key, k)
+    out_dt = f64 if q.dtype == f64 else torch.float32
+    dist = torch.empty((N, k), dtype=out_dt)
+    idx = torch.empty((N, k), dtype=torch.int64)
+
+    def search(job):
+        rows, groups = job
+        keys = torch.cat([kperm[kst[h]:kst[h + 1]] for h in groups])
+        if len(groups) > 1:
+            keys = keys.sort().values  # index order: the kernel's ties go to the lowest index
+        d, i = kernel(q[rows][None], kk[keys][None], k)
+        return rows, d[0], keys[i[0]]
+
+    # the searches are small (one thread each in the kernel): side by side (it releases the GIL)
+    for rows, d, i in _pool(max(1, torch.get_num_threads())).map(search, jobs):
+        dist[rows], idx[rows] = d, i
+    if full:  # rows that need most of the keys: one search of every key
+        rows = torch.cat(full)
+        d, i = kernel(q[rows][None], kk[None], k)
+        dist[rows], idx[rows] = d[0], i[0]
+    return dist[None], idx[None]
 
 
 # "cuda": the CUDA kernel of csrc/cuda/knn.cu (fastgen._C_cuda). Crossovers against "triton" and
