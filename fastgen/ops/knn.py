@@ -361,13 +361,14 @@ def _pruned_search(query, key, k, kernel):
     s = kk[::step].to(f64).mean(0).to(torch.float32)   # the shift: any point (a sample mean)
     samp = kk[::step].float() - s
     ns = samp.pow(2).sum(1)
+    gram = torch.addmm(ns[:, None] + ns[None, :], samp, samp.T, alpha=-2.0)  # squared distances
     pick, far = [0], []
-    dmin = ns + ns[0] - 2.0 * (samp @ samp[0])
+    dmin = gram[0].clone()
     for _ in range(min(G, samp.shape[0]) - 1):
         j = int(dmin.argmax())
         far.append(float(dmin[j]))
         pick.append(j)
-        dmin = torch.minimum(dmin, ns + ns[j] - 2.0 * (samp @ samp[j]))
+        torch.minimum(dmin, gram[j], out=dmin)
     cover = float(dmin.max())
     if not (math.isfinite(cover) and far and cover < 0.0625 * far[0]):  # (squared: radius < spread / 4)
         return kernel(query, key, k)
@@ -407,19 +408,21 @@ def _pruned_search(query, key, k, kernel):
     need[:, count == 0] = False
     need[rows_all, own] = True
     qperm = torch.argsort(own, stable=True)
-    qcount = torch.bincount(own, minlength=G).tolist()
-    jobs, full, q0 = [], [], 0
-    for g, nqg in enumerate(qcount):
-        if nqg:
-            rows = qperm[q0:q0 + nqg]
-            q0 += nqg
-            groups = need[rows].any(0)
-            if int(count[groups].sum()) * 2 > M:
-                full.append(rows)
-            else:
-                jobs.append((rows, groups.nonzero().flatten().tolist()))
-    if sum(r.numel() for r in full) * 2 > N:
+    qcount = torch.bincount(own, minlength=G)
+    # per query group (same nearest pivot): the union of the groups its queries need
+    unions = torch.zeros(G, G, dtype=torch.int32).index_add_(0, own, need.to(torch.int32)) > 0
+    ukeys = (unions.to(torch.int64) * count).sum(1)                     # keys to search per query group
+    bigs = (ukeys * 2 > M) & (qcount > 0)
+    if int(qcount[bigs].sum()) * 2 > N:
         return kernel(query, key, k)
+    jobs, full, q0 = [], [], 0
+    qstart = [0] + qcount.cumsum(0).tolist()
+    for g in (qcount > 0).nonzero().flatten().tolist():
+        rows = qperm[qstart[g]:qstart[g + 1]]
+        if bool(bigs[g]):
+            full.append(rows)
+        else:
+            jobs.append((rows, unions[g].nonzero().flatten().tolist()))
     out_dt = f64 if q.dtype == f64 else torch.float32
     dist = torch.empty((N, k), dtype=out_dt)
     idx = torch.empty((N, k), dtype=torch.int64)
