@@ -436,7 +436,8 @@ def _pruned_search(query, key, k, kernel):
         return rows, d[0], keys[i[0]]
 
     # the searches are small (one thread each in the kernel): side by side (it releases the GIL)
-    for rows, d, i in _pool(max(1, torch.get_num_threads())).map(search, jobs):
+    nt = torch.get_num_threads()  # one thread: no pool (its threads would not inherit the setting)
+    for rows, d, i in (_pool(nt).map(search, jobs) if nt > 1 and len(jobs) > 1 else map(search, jobs)):
         dist[rows], idx[rows] = d, i
     if full:  # rows that need most of the keys: one search of every key
         rows = torch.cat(full)
