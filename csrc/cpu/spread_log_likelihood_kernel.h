@@ -348,10 +348,21 @@ void backward_impl(const Problem<T>& p, const T* g, const double* lse, const T* 
             micro<T, KIND, PERDIM, R>(yr, xblk + t * D * L, p.w, D, acc);
             const int nvalid = std::min(L, ns - t * L);
             for (int r = 0; r < R; ++r) {
-              V e = vexp_neg(vload(&acc[r][0]) * (-p.scale) - lr[r]) * gr[r];
-              if (nvalid < L)
-                for (int l = nvalid; l < L; ++l) e[l] = T(0);
-              tw[t][r] = e;
+              if constexpr (std::is_same_v<T, float>) {  // native width (see block_expsum)
+                float* tr = reinterpret_cast<float*>(&tw[t][r]);
+                for (int h = 0; h < L; h += (int)W) {
+                  vf a;
+                  std::memcpy(&a, &acc[r][h], sizeof(a));
+                  const vf e = vexp_neg_w(a * (-p.scale) - lr[r]) * gr[r];
+                  std::memcpy(tr + h, &e, sizeof(e));
+                }
+                for (int l = nvalid; l < L; ++l) tr[l] = 0.0f;
+              } else {
+                V e = vexp_neg(vload(&acc[r][0]) * (-p.scale) - lr[r]) * gr[r];
+                if (nvalid < L)
+                  for (int l = nvalid; l < L; ++l) e[l] = T(0);
+                tw[t][r] = e;
+              }
             }
           }
           // pass 2, on native registers (NL lanes, L / NL per tile)
