@@ -75,14 +75,15 @@ struct IVec {
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
   typedef I type __attribute__((vector_size(sizeof(T) * L)));
 };
-template <typename T>
-inline typename Vec<T>::type vload(const T* p) {
-  typename Vec<T>::type v;
+// unaligned load / store of a vector VV (default: one 16-lane tile row) of T
+template <typename T, typename VV = typename Vec<T>::type>
+inline VV vload(const T* p) {
+  VV v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename T>
-inline void vstore(T* p, typename Vec<T>::type v) {
+template <typename T, typename VV>
+inline void vstore(T* p, VV v) {
   std::memcpy(p, &v, sizeof(v));
 }
 // sign(d) with sign(0) = 0, lane-wise, for any vector VV of T
@@ -112,16 +113,6 @@ struct NVec {
   typedef T type __attribute__((vector_size(NB)));
   static constexpr int lanes = NB / (int)sizeof(T);
 };
-template <typename T>
-inline typename NVec<T>::type nload(const T* p) {
-  typename NVec<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-inline void nstore(T* p, typename NVec<T>::type v) {
-  std::memcpy(p, &v, sizeof(v));
-}
 inline Vec<double>::type vexp_neg(Vec<double>::type x) {
   for (int l = 0; l < L; ++l) x[l] = std::exp(x[l]);
   return x;
@@ -376,18 +367,18 @@ void backward_impl(const Problem<T>& p, const T* g, const double* lse, const T* 
             T* gxj = gxblk ? gxblk + j * SB : nullptr;
             for (int t = 0; t < nt; ++t) {
               for (int h = 0; h < L / NL; ++h) {
-                const N xv = nload(xqj + t * L + h * NL);
+                const N xv = vload<T, N>(xqj + t * L + h * NL);
                 N u[R];
                 for (int r = 0; r < R; ++r) {
                   const N d = yv[r] - xv;
-                  const N w = nload(reinterpret_cast<const T*>(&tw[t][r]) + h * NL);
+                  const N w = vload<T, N>(reinterpret_cast<const T*>(&tw[t][r]) + h * NL);
                   u[r] = w * (KIND == 0 ? d : vsign_any<T, N>(d));
                   if (need_y) gya[r] += u[r];        // (loop-invariant flags: unswitched)
                   if (need_sigma) ssa[r] += u[r] * d;
                 }
                 if (gxj) {
                   T* gp = gxj + t * L + h * NL;
-                  nstore(gp, nload(gp) + ((u[0] + u[1]) + (u[2] + u[3])));
+                  vstore(gp, vload<T, N>(gp) + ((u[0] + u[1]) + (u[2] + u[3])));
                 }
               }
             }
