@@ -357,7 +357,7 @@ def _pruned_search(query, key, k, kernel):
     M = kk.shape[0]
     f64 = torch.float64
     G = int(min(256, max(16, round(math.sqrt(M)))))
-    step = max(1, M // (8 * G))
+    step = max(1, M // (4 * G))
     s = kk[::step].to(f64).mean(0).to(torch.float32)   # the shift: any point (a sample mean)
     samp = kk[::step].float() - s
     ns = samp.pow(2).sum(1)
