@@ -60,9 +60,15 @@ step() { echo; echo "=== $* ($(date -u +%H:%M:%S) UTC)"; }
 # ------------------------------------------------------------------------------------ 1. build
 if [ -z "$WHEEL" ]; then
   step "build: pip wheel --no-build-isolation --no-deps . ($($PY -c 'import torch; print("torch", torch.__version__)'))"
-  rm -rf "$OUT/raw" "$OUT/dist"
+  rm -rf "$OUT/raw" "$OUT/dist" "$OUT/src"
   t0=$(date +%s)
-  if FASTGEN_REQUIRE_EXT=1 "$PY" -m pip wheel --no-build-isolation --no-deps . -w "$OUT/raw" >"$OUT/build.log" 2>&1; then
+  # build from a clean export of the tree (the files git tracks plus the untracked ones it does not
+  # ignore): a developer checkout's build/ can hold extensions of older builds, which setuptools
+  # would pack into the wheel too
+  mkdir -p "$OUT/src"
+  git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$OUT/src" 2>/dev/null || true
+  if (cd "$OUT/src" && FASTGEN_REQUIRE_EXT=1 "$PY" -m pip wheel --no-build-isolation --no-deps . -w "$OUT/raw") \
+      >"$OUT/build.log" 2>&1; then
     record ok "build: pip wheel ($(( $(date +%s) - t0 )) s): $(basename "$(ls "$OUT"/raw/*.whl)")"
   else
     tail -40 "$OUT/build.log"; record FAIL "build: pip wheel (log: $OUT/build.log)"
