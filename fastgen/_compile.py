@@ -134,6 +134,26 @@ def move_bdim(x, bdim, size: int):
     return x.movedim(bdim, 0)
 
 
+def fold_search_vmap(info, in_dims, x, y, search):
+    """vmap rule of a batched search of x [B, N, D] against y [B, M, D] (knn, imle_nearest): the
+    vmapped dim V goes onto the search's own dims, one call to ``search(x, y)`` -> tensors
+    [B', N', ...]. y not batched: V folds into x's rows ([V, B, N, D] -> [B, V*N, D]; a view when
+    B == 1, y not copied). y batched: V folds into the batch ([V*B, N, D] x [V*B, M, D]). Exact
+    either way: every row is searched on its own. Returns (outputs, out_dims)."""
+    V = info.batch_size
+    xd, yd = in_dims[0], in_dims[1]
+    if yd is None:
+        xs = x.movedim(xd, 1)                                                 # [B, V, N, D]
+        B, _, N, D = xs.shape
+        outs = search(xs.reshape(B, V * N, D), y)
+        return tuple(o.view(B, V, N, *o.shape[2:]) for o in outs), (1,) * len(outs)
+    ys = y.movedim(yd, 0)                                                     # [V, B, M, D]
+    xs = move_bdim(x, xd, V)                                                  # [V, B, N, D]
+    _, B, N, D = xs.shape
+    outs = search(xs.reshape(V * B, N, D), ys.reshape(V * B, *ys.shape[2:]))
+    return tuple(o.view(V, B, N, *o.shape[2:]) for o in outs), (0,) * len(outs)
+
+
 def is_compiling() -> bool:
     """True while torch.compile (dynamo) traces the caller."""
     fn = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3

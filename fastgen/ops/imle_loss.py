@@ -171,22 +171,10 @@ def _nearest_fake(data, samples, rejection_radius, backend):
 
 
 def _nearest_vmap(info, in_dims, data, samples, rejection_radius, backend):
-    """vmap rule: the vmapped dim V goes onto the search's own dims, one call. Samples not
-    batched: V folds into the examples ([V, B, N, D] -> [B, V*N, D]; samples not copied).
-    Samples batched: V folds into the condition batch (conditional IMLE: [V*B, N, D] x
-    [V*B, S, D]). Exact either way: every example is searched on its own."""
-    V = info.batch_size
-    dd, sd = in_dims[0], in_dims[1]
-    if sd is None:
-        x = data.movedim(dd, 1)                                               # [B, V, N, D]
-        B, _, N, D = x.shape
-        index, found = _op_nearest(x.reshape(B, V * N, D), samples, rejection_radius, backend)
-        return (index.view(B, V, N), found.view(B, V, N)), (1, 1)
-    s = samples.movedim(sd, 0)                                                # [V, B, S, D]
-    x = _compile.move_bdim(data, dd, V)                                       # [V, B, N, D]
-    _, B, N, D = x.shape
-    index, found = _op_nearest(x.reshape(V * B, N, D), s.reshape(V * B, *s.shape[2:]), rejection_radius, backend)
-    return (index.view(V, B, N), found.view(V, B, N)), (0, 0)
+    """vmap rule: one search with V folded into the examples or the condition batch
+    (conditional IMLE; :func:`fastgen._compile.fold_search_vmap`)."""
+    return _compile.fold_search_vmap(info, in_dims, data, samples,
+                                     lambda x, s: _op_nearest(x, s, rejection_radius, backend))
 
 
 # no autograd kernel: the outputs are an index and a mask (the inputs reach it detached)

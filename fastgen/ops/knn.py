@@ -655,21 +655,9 @@ class _KnnFunction(_compile.OpFunction):
 
 
 def _knn_vmap(info, in_dims, query, key, k, backend):
-    """vmap rule: the vmapped dim V goes onto the kernel's own dims, one call. Key not batched:
-    V folds into the query rows ([V, B, N, D] -> [B, V*N, D]; a view when B == 1, and key is
-    not copied). Key batched: V folds into the batch ([V*B, N, D] x [V*B, M, D])."""
-    V = info.batch_size
-    qd, kd = in_dims[0], in_dims[1]
-    if kd is None:
-        q = query.movedim(qd, 1)                                              # [B, V, N, D]
-        B, _, N, D = q.shape
-        d, i = _knn_op(q.reshape(B, V * N, D), key, k, backend)
-        return (d.view(B, V, N, k), i.view(B, V, N, k)), (1, 1)
-    kk = key.movedim(kd, 0)                                                   # [V, B, M, D]
-    q = _compile.move_bdim(query, qd, V)                                      # [V, B, N, D]
-    _, B, N, D = q.shape
-    d, i = _knn_op(q.reshape(V * B, N, D), kk.reshape(V * B, *kk.shape[2:]), k, backend)
-    return (d.view(V, B, N, k), i.view(V, B, N, k)), (0, 0)
+    """vmap rule: one search with V folded into the query rows or the batch
+    (:func:`fastgen._compile.fold_search_vmap`)."""
+    return _compile.fold_search_vmap(info, in_dims, query, key, lambda q, kk: _knn_op(q, kk, k, backend))
 
 
 _knn_op = _compile.define("knn", "(Tensor query, Tensor key, int k, str backend) -> (Tensor, Tensor)",
