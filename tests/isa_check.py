@@ -13,7 +13,6 @@ code of the path and nothing above it. Prints one line per check; exit status 1 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
@@ -23,9 +22,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastgen import _backend  # noqa: E402
-from fastgen.reference.gaussian_nll import gaussian_nll_loss as nll_ref  # noqa: E402
-from fastgen.reference.knn import knn as knn_ref  # noqa: E402
+from fastgen.reference.gaussian_nll import nll_formula  # noqa: E402
+from fastgen.reference.knn import knn as knn_ref, neighbour_dist2  # noqa: E402
 from fastgen.reference.spread_log_likelihood import spread_log_likelihood_reference as sll_ref  # noqa: E402
+from fastgen.reference.spread_noise import stream_noise_reference  # noqa: E402
 
 # Max ulp error of the vector math (kernels.h fn codes), the bound each path must meet.
 # (measured max on the AVX-512 Zen 5 build: see the comment in csrc/cpu/vmath.h)
@@ -74,12 +74,10 @@ def check_knn(F) -> None:
         d, i = F._knn_kernel(qq[None], kk[None], k)
         rd, ri = knn_ref(qq, kk, k)
         same = torch.equal(i[0], ri)
-        if not same:  # equal distances may swap only between exact ties
-            same = torch.equal(torch.sort(rd, 1).values, rd) and bool(
-                (torch.gather(knn_ref(qq, kk, kk.shape[0])[0], 1, i[0]) == rd).all())
-        tol = 0 if qq.dtype == torch.float64 else 1
+        if not same:  # another index is right only at exactly the reference's distance (a tie)
+            same = bool((neighbour_dist2(qq.double(), kk.double(), i[0]) == rd).all())
         derr = ((d[0].double() - rd).abs() / rd.abs().clamp_min(1e-30)).max().item()
-        check(f"knn {name}", same and derr <= (1e-15 if tol == 0 else 2 ** -23),
+        check(f"knn {name}", same and derr <= (1e-15 if qq.dtype == torch.float64 else 2 ** -23),
               f"indices {'equal' if same else 'DIFFER'}, max rel. dist error {derr:.2e}")
     bad = torch.randn(20, 8)
     bad[3, 2] = float("nan")
@@ -112,8 +110,7 @@ def check_gaussian_nll(F) -> None:
                 xr = x.double().requires_grad_(red != 0)
                 tr = t.double().requires_grad_(red != 0)
                 vr = v.double().requires_grad_(red != 0)
-                vv = vr if not log_var else vr
-                rloss = _nll_ref(xr, tr, vv, full, log_var, beta, red)
+                rloss = nll_formula(xr, tr, vr, full, 1e-6, ("none", "mean", "sum")[red], log_var, beta).reshape(-1)
                 tol = {torch.float32: 3e-5, torch.float64: 1e-11, torch.bfloat16: 2e-2}[dt]
                 loss = res[0].double()
                 err = ((loss - rloss.detach()).abs() / rloss.detach().abs().clamp_min(1)).max().item()
@@ -134,7 +131,7 @@ def check_gaussian_nll(F) -> None:
     gi, gt, gv = F._gaussian_nll_backward_kernel(go.reshape(-1), x.reshape(-1), t.reshape(-1), v.reshape(-1), 3, 50,
                                                  70, False, 1e-6, False, 0.0, True, True, True)
     xr, tr, vr = (a.double().requires_grad_() for a in (x, t, v))
-    rl = _nll_ref(xr, tr, vr, False, False, 0.0, 0)
+    rl = nll_formula(xr, tr, vr, False, 1e-6, "none", False, 0.0).reshape(-1)
     rx, rt, rv = torch.autograd.grad(rl, (xr, tr, vr), go.double().reshape(-1))
     e = max(((a.double() - b.reshape(-1)).abs().max() / b.abs().max()).item() for a, b in ((gi, rx), (gt, rt), (gv, rv)))
     check("gaussian_nll backward none", e < 1e-5, f"max rel. err {e:.1e}")
@@ -144,75 +141,18 @@ def check_gaussian_nll(F) -> None:
     check("gaussian_nll negative var flag", int(res[4]) == 1)
 
 
-def _nll_ref(x, t, v, full, log_var, beta, red):
-    """float64 per-element loss (reduction 0: flat) or its sum / mean; the straight-through clamp."""
-    if log_var:
-        lv = v
-        var = torch.exp(v)
-    else:
-        var = v + (v.clamp_min(1e-6) - v).detach()
-        lv = torch.log(var)
-    loss = 0.5 * (lv + (x - t) ** 2 / var)
-    if full:
-        loss = loss + 0.5 * math.log(2 * math.pi)
-    if beta:
-        loss = loss * var.detach() ** beta
-    loss = loss.reshape(-1)
-    return loss if red == 0 else (loss.mean() if red == 1 else loss.sum())
-
-
 # ------------------------------------------------------------------------------- spread_noise
-_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
-
-
-def _philox(ctr: np.ndarray, seed: int) -> np.ndarray:
-    """Philox-4x32-10 of 64-bit counters (words 0, 1), key = seed: uint32 [4, n]."""
-    c0 = (ctr & 0xFFFFFFFF).astype(np.uint64)
-    c1 = (ctr >> np.uint64(32)).astype(np.uint64)
-    c2 = np.zeros_like(c0)
-    c3 = np.zeros_like(c0)
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
-    mask = np.uint64(0xFFFFFFFF)
-    for _ in range(10):
-        p0 = np.uint64(_M0) * c0
-        p1 = np.uint64(_M1) * c2
-        n0 = (p1 >> np.uint64(32)) ^ c1 ^ k0
-        n2 = (p0 >> np.uint64(32)) ^ c3 ^ k1
-        c1, c3, c0, c2 = p1 & mask, p0 & mask, n0 & mask, n2 & mask
-        k0, k1 = (k0 + np.uint64(_W0)) & mask, (k1 + np.uint64(_W1)) & mask
-    return np.stack([c0, c1, c2, c3]).astype(np.uint64)
-
-
-def noise_reference(numel: int, kind: int, seed: int, offset: int) -> np.ndarray:
-    """eps in float64 from the layout of csrc/cpu/spread_noise_kernel.h."""
-    i = np.arange(numel, dtype=np.uint64)
-    c, w = i // np.uint64(256), i % np.uint64(256)
-    lane, grp = (w // np.uint64(64)).astype(np.int64), w % np.uint64(64)
-    words = _philox(np.uint64(offset) + np.uint64(64) * c + grp, seed)
-    word = words[lane, np.arange(numel)]
-    if kind == 1:
-        v = ((word & np.uint64(0x7FFFFFFF)).astype(np.float64) + 0.5) * 2.0 ** -31
-        m = -np.log(v)
-        return np.where(word >> np.uint64(31), -m, m)
-    pair = lane & ~1
-    a = words[pair, np.arange(numel)].astype(np.float64)
-    b = words[pair + 1, np.arange(numel)].astype(np.float64)
-    r = np.sqrt(-2 * np.log((a + 0.5) * 2.0 ** -32))
-    th = 2 * np.pi * b * 2.0 ** -32
-    return np.where(lane % 2 == 0, r * np.cos(th), r * np.sin(th))
-
-
 def check_spread_noise(F) -> None:
     for kind in (0, 1):
         for numel, seed, offset in ((5000, 123456789, 0), (777, 2 ** 40 + 5, 2 ** 33 - 3)):
             y = F._spread_noise_kernel(torch.zeros(numel), torch.tensor(1.0), kind, seed, offset)
-            ref = noise_reference(numel, kind, seed, offset)
+            ref = stream_noise_reference(numel, kind, seed, offset)
             err = np.abs(y.double().numpy() - ref) / np.maximum(1.0, np.abs(ref))
             check(f"spread_noise kind={kind} n={numel} offset={offset}", err.max() < 2e-6,
                   f"max err {err.max():.1e}")
         # broadcast sigma [4, 1, 6] over x [4, 5, 6], float64 and bfloat16, and its gradient
         numel, seed = 120, 99
-        ref = torch.from_numpy(noise_reference(numel, kind, seed, 7)).reshape(4, 5, 6)
+        ref = torch.from_numpy(stream_noise_reference(numel, kind, seed, 7)).reshape(4, 5, 6)
         x = torch.randn(4, 5, 6, dtype=torch.float64)
         s = torch.rand(4, 1, 6, dtype=torch.float64) + 0.5
         y = F._spread_noise_kernel(x, s, kind, seed, 7)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -58,3 +59,53 @@ def unit_log_density(e: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "laplace":
         return -e.abs() - math.log(2.0)
     raise ValueError(f"kind must be 'gaussian' or 'laplace', got {kind!r}")
+
+
+# ----------------------------------------------------------------------- the kernels' noise stream
+# The noise layout of csrc/cpu/spread_noise.cpp (shared with the Triton kernel): element i ->
+# chunk c = i // 256, w = i % 256, lane = w // 64, g = w % 64; Philox-4x32-10 counter
+# offset + 64 c + g (64-bit), key = (seed low 32, seed high 32); word `lane` of that counter.
+_M = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(ctr: np.ndarray, seed: int) -> np.ndarray:
+    """Philox-4x32-10 of 64-bit counters ``ctr`` (uint64 [n]), key = seed: uint32 words [4, n]."""
+    c0 = ctr & _M
+    c1 = ctr >> np.uint64(32)
+    c2 = np.zeros_like(ctr)
+    c3 = np.zeros_like(ctr)
+    k0 = np.uint64(seed & 0xFFFFFFFF)
+    k1 = np.uint64((seed >> 32) & 0xFFFFFFFF)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c0
+        p1 = np.uint64(0xCD9E8D57) * c2
+        n0 = (p1 >> np.uint64(32)) ^ c1 ^ k0
+        n2 = (p0 >> np.uint64(32)) ^ c3 ^ k1
+        c1, c3, c0, c2 = p1 & _M, p0 & _M, n0, n2
+        k0 = (k0 + np.uint64(0x9E3779B9)) & _M
+        k1 = (k1 + np.uint64(0xBB67AE85)) & _M
+    return np.stack([c0, c1, c2, c3])  # [4, n]
+
+
+def stream_noise_reference(numel: int, kind: int, seed: int, offset: int) -> np.ndarray:
+    """float64 eps of the fused kernels' stream for ``numel`` elements, kind 0 Gaussian (Box-Muller)
+    or 1 Laplace, generator ``seed`` and counter ``offset``: the kernels' float32 rounding of the
+    uniforms mirrored, the transcendental functions exact (numpy, float64). For the kernel tests of
+    every CPU path (tests/isa_check.py) and the installed-wheel smoke test (tools/wheel_smoke.py)."""
+    i = np.arange(numel, dtype=np.uint64)
+    c, w = i // np.uint64(256), i % np.uint64(256)
+    lane, g = (w // np.uint64(64)).astype(np.int64), w % np.uint64(64)
+    ctr = np.uint64(offset) + np.uint64(64) * c + g
+    words = philox4x32_10(ctr, seed)
+    if kind == 0:  # Box-Muller on the word pairs (0, 1) and (2, 3)
+        pair = lane // 2
+        a = words[2 * pair, np.arange(numel)]
+        b = words[2 * pair + 1, np.arange(numel)]
+        u1 = (a.astype(np.float32) * np.float32(2.0 ** -32) + np.float32(0.5 * 2.0 ** -32)).astype(np.float64)
+        r = np.sqrt(-2.0 * np.log(u1))
+        th = 2.0 * math.pi * b.astype(np.float64) * 2.0 ** -32
+        return np.where(lane % 2 == 0, r * np.cos(th), r * np.sin(th))
+    wd = words[lane, np.arange(numel)]
+    m = (wd & np.uint64(0x7FFFFFFF)).astype(np.float32) * np.float32(2.0 ** -31) + np.float32(0.5 * 2.0 ** -31)
+    mag = -np.log(m.astype(np.float64))
+    return np.where(wd >> np.uint64(31) != 0, -mag, mag)
