@@ -523,3 +523,16 @@ def test_cpu_large_output_starts_on_a_huge_page_boundary():
     torch.testing.assert_close(y, x + 0.5 * eps, rtol=1e-6, atol=1e-6)
     e = eps.double()
     assert abs(e.mean().item()) < 5e-3 and abs(e.std().item() - 1) < 5e-3
+
+
+@pytest.mark.skipif(not has_ext_kernel("spread_noise"), reason="fastgen._C not built")
+def test_cpu_kernel_rejects_sigma_that_does_not_broadcast():
+    # the C++ op reads sigma through broadcast strides: a direct call with a wrong shape must
+    # raise, not read (or, for the gradient, write) outside sigma's buffer
+    x = torch.zeros(5, 4)
+    for bad in (torch.ones(3, 4), torch.ones(5, 3)):
+        with pytest.raises(RuntimeError, match="does not broadcast"):
+            torch.ops.fastgen._spread_noise_kernel(x, bad, 0, 1, 0)
+        with pytest.raises(RuntimeError, match="does not broadcast"):
+            torch.ops.fastgen._spread_noise_grad_sigma_kernel(x, bad, 0, 1, 0)
+    assert torch.ops.fastgen._spread_noise_kernel(x, torch.ones(5, 1), 0, 1, 0).shape == x.shape

@@ -189,8 +189,6 @@ int isa_in_use() {
   return isa;
 }
 
-const char* isa_error() { return current_isa() < 0 ? choice().error.c_str() : nullptr; }
-
 int set_isa(int isa) {
   if (isa == -1) {
     g_override.store(-2, std::memory_order_release);
@@ -204,8 +202,6 @@ int set_isa(int isa) {
 }
 
 int isa_available() { return choice().available; }
-
-const char* isa_name(int isa) { return isa >= 0 && isa < 4 ? kNames[isa] : nullptr; }
 
 void advise_huge_pages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

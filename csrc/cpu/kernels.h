@@ -89,16 +89,12 @@ struct Kernels {
 const Kernels& kernels();
 // The id (Isa) of that path; throws like kernels().
 int isa_in_use();
-// null, or the message kernels() would throw (for boundaries that report errors without exceptions).
-const char* isa_error();
 // Tests and benchmarks only: run path `isa` from now on (-1: back to the load-time choice); not
 // thread-safe against kernels running concurrently. Throws std::runtime_error when the path is
 // not available. Returns the path now in use (or -1 when that is the load-time error).
 int set_isa(int isa);
 // Bit i set when path i (Isa) is built into this library and runs on this CPU.
 int isa_available();
-// "baseline", "avx2", "avx512", "native" (null for an unknown id).
-const char* isa_name(int isa);
 
 // Ask Linux for transparent huge pages on the 2 MiB-aligned interior of [p, p + bytes) (buffers of
 // at least 8 MiB, before their first touch): first-touch faults of fresh 64 MiB outputs otherwise

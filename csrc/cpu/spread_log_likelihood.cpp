@@ -29,16 +29,12 @@ void check_inputs(const Tensor& y, const Tensor& x, const Tensor& sigma, int64_t
   FG_CHECK(y.size(0) > 0 && x.size(0) > 0 && y.size(1) > 0, "spread_log_likelihood (cpu): empty input");
 }
 
-fastgen_cpu::DType dtype_of(const Tensor& y) {
-  return y.scalar_type() == fastgen::kDouble ? fastgen_cpu::DType::kFloat64 : fastgen_cpu::DType::kFloat32;
-}
-
 // Returns out [N] (y's dtype).
 Tensor sll_forward_cpu(Tensor y, Tensor samples, Tensor sigma, int64_t kind) {
   check_inputs(y, samples, sigma, kind);
   const int64_t N = y.size(0), S = samples.size(0), D = y.size(1);
   Tensor out = fastgen::empty(y, {N}, y.scalar_type());
-  fastgen_cpu::kernels().sll_forward(dtype_of(y), y.const_data_ptr(), samples.const_data_ptr(),
+  fastgen_cpu::kernels().sll_forward(fastgen::kernel_dtype(y.scalar_type(), "spread_log_likelihood (cpu)"), y.const_data_ptr(), samples.const_data_ptr(),
                                      sigma.const_data_ptr(), sigma.numel(), (int)kind, N, S, D,
                                      out.mutable_data_ptr());
   return out;
@@ -59,7 +55,7 @@ std::tuple<Tensor, Tensor, Tensor> sll_backward_cpu(Tensor grad_out, Tensor y, T
   Tensor gy = need_y ? fastgen::empty(y, {N, D}, st) : fastgen::none(y, st);
   Tensor gx = need_samples ? fastgen::empty(y, {S, D}, st) : fastgen::none(y, st);
   Tensor gsig = need_sigma ? fastgen::empty(y, fastgen::sizes_of(sigma), st) : fastgen::none(y, st);
-  fastgen_cpu::kernels().sll_backward(dtype_of(y), g.const_data_ptr(), y.const_data_ptr(), samples.const_data_ptr(),
+  fastgen_cpu::kernels().sll_backward(fastgen::kernel_dtype(y.scalar_type(), "spread_log_likelihood (cpu)"), g.const_data_ptr(), y.const_data_ptr(), samples.const_data_ptr(),
                                       sigma.const_data_ptr(), sigma.numel(), o.const_data_ptr(), (int)kind, N, S, D,
                                       need_y ? gy.mutable_data_ptr() : nullptr,
                                       need_samples ? gx.mutable_data_ptr() : nullptr,

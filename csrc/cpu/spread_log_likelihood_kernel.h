@@ -52,17 +52,9 @@ constexpr int SB = 256;  // samples per block (packed block stays in L2)
 inline float fg_exp(float x) { return fg_exp_neg(x); }
 inline double fg_exp(double x) { return std::exp(x); }
 
-// |v| and sign(v) (sign(0) = 0) by bit operations (vectorise without -fno-trapping-math).
+// |v| by bit operations (vectorises without -fno-trapping-math).
 inline float fg_abs(float v) { return bitcast<float>(bitcast<uint32_t>(v) & 0x7fffffffu); }
 inline double fg_abs(double v) { return bitcast<double>(bitcast<uint64_t>(v) & 0x7fffffffffffffffull); }
-inline float fg_sign(float v) {
-  const uint32_t b = bitcast<uint32_t>(v);
-  return bitcast<float>((b & 0x7fffffffu) ? ((b & 0x80000000u) | 0x3f800000u) : 0u);
-}
-inline double fg_sign(double v) {
-  const uint64_t b = bitcast<uint64_t>(v);
-  return bitcast<double>((b & 0x7fffffffffffffffull) ? ((b & 0x8000000000000000ull) | 0x3ff0000000000000ull) : 0ull);
-}
 
 // GCC / Clang vector extensions: one value per sample lane (L lanes). Used where the loops
 // must stay in registers (the backward pass); lowered to AVX-512, AVX2 or SSE as available.
@@ -73,7 +65,6 @@ struct Vec {
 template <typename T>
 struct IVec {
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
-  typedef I type __attribute__((vector_size(sizeof(T) * L)));
 };
 // unaligned load / store of a vector VV (default: one 16-lane tile row) of T
 template <typename T, typename VV = typename Vec<T>::type>

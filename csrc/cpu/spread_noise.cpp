@@ -23,6 +23,10 @@ void check_args(const Tensor& x, const Tensor& sigma, int64_t kind, const char* 
   FG_CHECK(sigma.dim() == x.dim() || sigma.numel() == 1,
            "spread_noise (cpu): sigma must have as many dims as ", xname, " (or one element)");
   FG_CHECK(x.dim() <= 16, "spread_noise (cpu): at most 16 dims");
+  if (sigma.numel() != 1)  // the kernel reads sigma through broadcast strides: sizes 1 or x's
+    for (int64_t d = 0; d < x.dim(); ++d)
+      FG_CHECK(sigma.size(d) == 1 || sigma.size(d) == x.size(d), "spread_noise (cpu): sigma's size ", sigma.size(d),
+               " at dim ", d, " does not broadcast to ", xname, "'s ", x.size(d));
 }
 
 ScalarType acc_type(ScalarType t) { return t == fastgen::kDouble ? fastgen::kDouble : fastgen::kFloat; }

@@ -34,8 +34,6 @@ typedef int32_t vi __attribute__((vector_size(4 * W)));
 typedef uint32_t vu __attribute__((vector_size(4 * W)));
 // 16 lanes whatever the ISA (spread_log_likelihood's tiles of 16 samples)
 typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-typedef uint32_t vu16 __attribute__((vector_size(64)));
 
 FG_INLINE vf splat(float a) { return vf{} + a; }
 FG_INLINE vi splati(int32_t a) { return vi{} + a; }
