@@ -405,11 +405,21 @@ def test_cpu_pruned_search_end_to_end(monkeypatch):
     from fastgen.ops import knn as K
 
     monkeypatch.setattr(K, "_PRUNE_MIN_WORK", 0)
+    sizes, pruned = [], K._pruned_search
+
+    def spy(query, key, k, kernel):  # the searches the pruned path makes, by key count
+        def counting(a, b, kk):
+            sizes.append(b.shape[1])
+            return kernel(a, b, kk)
+        return pruned(query, key, k, counting)
+
+    monkeypatch.setattr(K, "_pruned_search", spy)
     q, key = _pruning_data("clustered-offset", torch.Generator().manual_seed(5))
     qg, kg = q.clone().requires_grad_(), key.clone().requires_grad_()
     with _dispatch.use_backend("cpu", "knn"):
         d, i = fastgen.knn(qg, kg, 2)
         (d.sum()).backward()
+    assert len(sizes) > 1 and max(sizes) < key.shape[0]  # it pruned: no search saw every key
     rd, ri = ref_knn(q.double(), key.double(), 2)
     assert torch.equal(i, ri)
     torch.testing.assert_close(d.double(), rd, rtol=1e-6, atol=1e-6)

@@ -38,9 +38,11 @@ strictly above the exact k-th distance of the candidates, the k neighbours are e
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import math
 import operator
 import os
+import threading
 
 import torch
 
@@ -319,19 +321,21 @@ def knn_cpu(query: torch.Tensor, key: torch.Tensor, k: int):
 # fixed costs are not worth it; D = 64 searches are memory- rather than FMA-bound).
 _PRUNE_MIN_D = 128
 _PRUNE_MIN_WORK = 1 << 31
-_PRUNE_SLACK = 1e-6  # relative slack on every bound (the computed ones are exact to ~1e-13)
+# group searches above this many multiply-adds run in the calling thread (the kernel's own
+# OpenMP team); below it the kernel uses one thread, and the pool runs them side by side
+_PRUNE_POOL_MAX_WORK = 1 << 26
 
-
-_POOL = [None, None]  # (pid, executor): the kernel keeps a per-thread workspace, so the threads persist
+_POOLS: dict = {}  # (pid, workers) -> executor: the kernel keeps a per-thread workspace, so threads persist
+_POOLS_LOCK = threading.Lock()
 
 
 def _pool(n: int):
-    """A process-wide thread pool of n workers (recreated after a fork or when n changes)."""
-    pid, ex = _POOL
-    if ex is None or pid != os.getpid() or ex._max_workers != n:
-        ex = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="fastgen-knn")
-        _POOL[:] = [os.getpid(), ex]
-    return ex
+    """A process-wide thread pool of n workers (a new one after a fork)."""
+    with _POOLS_LOCK:
+        key = (os.getpid(), n)
+        if key not in _POOLS:
+            _POOLS[key] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="fastgen-knn")
+        return _POOLS[key]
 
 
 def _pruned_search(query, key, k, kernel):
@@ -362,15 +366,15 @@ def _pruned_search(query, key, k, kernel):
     samp = kk[::step].float() - s
     ns = samp.pow(2).sum(1)
     gram = torch.addmm(ns[:, None] + ns[None, :], samp, samp.T, alpha=-2.0)  # squared distances
-    pick, far = [0], []
+    pick = [0]
     dmin = gram[0].clone()
+    spread = float(dmin.max())  # the first pick's distance (squared)
     for _ in range(min(G, samp.shape[0]) - 1):
         j = int(dmin.argmax())
-        far.append(float(dmin[j]))
         pick.append(j)
         torch.minimum(dmin, gram[j], out=dmin)
     cover = float(dmin.max())
-    if not (math.isfinite(cover) and far and cover < 0.0625 * far[0]):  # (squared: radius < spread / 4)
+    if not (math.isfinite(cover) and len(pick) > 1 and cover < 0.0625 * spread):  # radius < spread / 4
         return kernel(query, key, k)
     cent = samp[pick]
     G = cent.shape[0]
@@ -378,19 +382,21 @@ def _pruned_search(query, key, k, kernel):
     # centred in double first: rounding them to fp32 before the subtraction would not be)
     kc = (kk - s.to(f64)).float() if kk.dtype == f64 else kk.float() - s
     nk = torch.linalg.vector_norm(kc, dim=1)
+    nk_max = float(nk.max())
     q64 = q.to(f64) - s.to(f64)
     nq = q64.pow(2).sum(1, keepdim=True)
-    if not (bool(torch.isfinite(nk.max())) and bool(torch.isfinite(nq).all())):
+    if not (math.isfinite(nk_max) and bool(torch.isfinite(nq).all())):
         return kernel(query, key, k)  # NaN / inf input (the kernel raises) or fp32 overflow
     # every key to its nearest pivot; r^2 = ||kc||^2 + (||p||^2 - 2 kc.p) from the same fp32 matmul,
     # with |error| <= gamma (||kc|| + ||p||)^2
     nc32 = (cent * cent).sum(1)
     best, glab = torch.addmm(nc32, kc, cent.T, alpha=-2.0).min(1)
-    nk = nk.to(f64) * (1 + (D + 2) * _U32 + 1e-6)  # (the fp32 norm's own rounding error)
+    grow = 1 + (D + 2) * _U32 + 1e-6  # (the fp32 norm's own rounding error)
+    nk, nk_max = nk.to(f64) * grow, nk_max * grow
     gam = (D + 2) * _matmul_unit(kc.device) + 4 * _U32
     r2 = nk * nk + best.to(f64) + gam * (nk + nc32.to(f64).sqrt()[glab]) ** 2
     rad = torch.zeros(G, dtype=f64).scatter_reduce_(0, glab, r2.clamp_min(0).sqrt(), "amax")
-    rad = rad * (1 + 1e-6) + float(nk.max()) * 2.0 ** -23 + 1e-30
+    rad = rad * (1 + 1e-6) + nk_max * 2.0 ** -23 + 1e-30
     count = torch.bincount(glab, minlength=G)
     kperm = torch.argsort(glab, stable=True)
     kst = [0] + count.cumsum(0).tolist()
@@ -415,17 +421,18 @@ def _pruned_search(query, key, k, kernel):
     bigs = (ukeys * 2 > M) & (qcount > 0)
     if int(qcount[bigs].sum()) * 2 > N:
         return kernel(query, key, k)
-    jobs, full, q0 = [], [], 0
+    jobs, big_jobs, full = [], [], []
     qstart = [0] + qcount.cumsum(0).tolist()
     for g in (qcount > 0).nonzero().flatten().tolist():
         rows = qperm[qstart[g]:qstart[g + 1]]
         if bool(bigs[g]):
             full.append(rows)
         else:
-            jobs.append((rows, unions[g].nonzero().flatten().tolist()))
+            job = (rows, unions[g].nonzero().flatten().tolist())
+            (big_jobs if rows.numel() * int(ukeys[g]) * D > _PRUNE_POOL_MAX_WORK else jobs).append(job)
     out_dt = f64 if q.dtype == f64 else torch.float32
-    dist = torch.empty((N, k), dtype=out_dt)
-    idx = torch.empty((N, k), dtype=torch.int64)
+    dist = torch.empty((1, N, k), dtype=out_dt)  # (returned as is: no view of a hidden buffer)
+    idx = torch.empty((1, N, k), dtype=torch.int64)
 
     def search(job):
         rows, groups = job
@@ -435,15 +442,17 @@ def _pruned_search(query, key, k, kernel):
         d, i = kernel(q[rows][None], kk[keys][None], k)
         return rows, d[0], keys[i[0]]
 
-    # the searches are small (one thread each in the kernel): side by side (it releases the GIL)
-    nt = torch.get_num_threads()  # one thread: no pool (its threads would not inherit the setting)
-    for rows, d, i in (_pool(nt).map(search, jobs) if nt > 1 and len(jobs) > 1 else map(search, jobs)):
-        dist[rows], idx[rows] = d, i
+    # small searches (one thread each in the kernel) side by side: the kernel releases the GIL; with
+    # one torch thread no pool (its threads would not inherit the setting)
+    nt = torch.get_num_threads()
+    done = _pool(nt).map(search, jobs) if nt > 1 and len(jobs) > 1 else map(search, jobs)
+    for rows, d, i in itertools.chain(done, map(search, big_jobs)):
+        dist[0, rows], idx[0, rows] = d, i
     if full:  # rows that need most of the keys: one search of every key
         rows = torch.cat(full)
         d, i = kernel(q[rows][None], kk[None], k)
-        dist[rows], idx[rows] = d[0], i[0]
-    return dist[None], idx[None]
+        dist[0, rows], idx[0, rows] = d[0], i[0]
+    return dist, idx
 
 
 # "cuda": the CUDA kernel of csrc/cuda/knn.cu (fastgen._C_cuda). Crossovers against "triton" and
