@@ -168,7 +168,7 @@ def fresh_empty(like: torch.Tensor) -> torch.Tensor:
 
 
 def forbid_forward_over_forward(name: str) -> None:
-    """Call at the top of an :class:`OpFunction` ``jvp``: raise NotImplementedError when two
+    """Runs first in every :func:`define`'d ``jvp`` (define wraps it): raise NotImplementedError when two
     forward-mode transforms are nested (``jacfwd(jacfwd(f))``, ``jvp`` of ``jvp``). The jvp
     formula then runs below the outer forward level, which does not see it: the second-order
     term would be silently missing (as for torch's own autograd.Function jvp). Forward-over-

@@ -2,6 +2,8 @@
 the argument, never a wrong answer."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -47,6 +49,17 @@ def check_finite(name: str, x: torch.Tensor) -> None:
     user-facing paths where a silent wrong answer is worse (knn), not in fused hot loops."""
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_sigma_values(sigma: torch.Tensor, *, allow_zero: bool) -> None:
+    """ValueError unless every entry of sigma is finite and > 0 (>= 0 with ``allow_zero``): one
+    reduction and one bool read back to the host (on CUDA); NaN fails. Pass sigma as a Python
+    float to avoid the read."""
+    if sigma.numel() == 0:
+        return
+    lo, hi = torch.aminmax(sigma.detach())
+    if not bool(((lo >= 0) if allow_zero else (lo > 0)) & (hi < math.inf)):
+        raise ValueError(f"sigma must be finite and {'>=' if allow_zero else '>'} 0 everywhere")
 
 
 def check_positive_int(name: str, v, *, minimum: int = 1) -> int:

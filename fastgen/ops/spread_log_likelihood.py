@@ -25,7 +25,7 @@ import torch
 
 from .. import _backend, _compile, _dispatch
 from .._dispatch import register
-from .._validate import FLOAT_DTYPES, check_kind, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, check_kind, check_same_device, check_sigma_values, check_tensor
 
 try:  # Triton is optional
     import triton
@@ -386,10 +386,7 @@ def _check_sigma(sigma, D: int, device, dtype, check_values: bool = True) -> tor
 
 
 def _check_sigma_values(s: torch.Tensor) -> None:
-    # one reduction over sigma (1 or D values); on CUDA it is read back to the host
-    lo, hi = torch.aminmax(s.detach())  # (NaN propagates: both comparisons fail)
-    if not (float(lo) > 0 and float(hi) < math.inf):
-        raise ValueError("sigma must be finite and > 0 everywhere")
+    check_sigma_values(s, allow_zero=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,7 +534,6 @@ class _SpreadLogLikelihood(_compile.OpFunction):
 
     @staticmethod
     def jvp(ctx, dy, dx, ds, _):
-        _compile.forbid_forward_over_forward("spread_log_likelihood")
         y, samples, sigma = ctx.saved_tensors
         if dy is None and dx is None and ds is None:
             return torch.zeros(y.shape[:1], dtype=y.dtype, device=y.device)

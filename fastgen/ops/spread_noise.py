@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .. import _backend, _compile, _dispatch
 from .._dispatch import register
-from .._validate import FLOAT_DTYPES, check_kind, check_tensor
+from .._validate import FLOAT_DTYPES, check_kind, check_sigma_values, check_tensor
 
 try:  # Triton is optional: fastgen imports without it
     import triton
@@ -503,12 +503,7 @@ def _check_sigma(sigma, x: torch.Tensor, check_values: bool = True):
 
 
 def _check_sigma_values(sigma: torch.Tensor) -> None:
-    if sigma.numel() > 0:
-        # one reduction over sigma (small: a scalar or per-dimension spread). On CUDA this reads
-        # one bool back to the host; pass sigma as a float to avoid it.
-        lo, hi = torch.aminmax(sigma.detach())  # (NaN propagates: both comparisons fail)
-        if not (float(lo) >= 0 and float(hi) < math.inf):
-            raise ValueError("sigma must be finite and >= 0 everywhere")
+    check_sigma_values(sigma, allow_zero=True)
 
 
 def _seed_of(seed: torch.Tensor) -> int:
@@ -623,7 +618,6 @@ class _SpreadNoise(_compile.OpFunction):
     @staticmethod
     def jvp(ctx, dx, dsigma, *_):
         # dy = dx + dsigma * eps
-        _compile.forbid_forward_over_forward("spread_noise")
         out = dx
         if ctx.has_sigma and dsigma is not None:
             sigma, seed = ctx.saved_tensors
