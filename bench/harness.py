@@ -237,10 +237,11 @@ def cpu_isas(args) -> list[str]:
 def with_isa_paths(impls: dict, ours: str, args, device) -> tuple[dict, list[str]]:
     """Expand the fastgen impl ``ours`` ("fastgen-cpu" on CPU) into one impl per CPU path of --isa,
     named "fastgen-cpu[<path>]", each switching fastgen._C to its path before every call (a
-    test / benchmark hook: fastgen._backend.set_cpu_isa). Other impls (the peers) are kept.
+    test / benchmark hook: fastgen._backend.set_cpu_isa); --isa auto keeps "fastgen-cpu" as it
+    is. Other impls (the peers) are kept.
     Returns (impls, names of ours)."""
-    if torch.device(device).type != "cpu" or not ours.endswith("-cpu"):
-        return impls, [ours]
+    if torch.device(device).type != "cpu" or not ours.endswith("-cpu") or args.isa == "auto":
+        return impls, [ours]  # (auto: the path in use, no switch inside the timed calls)
     from fastgen import _backend
 
     out, names = {}, []

@@ -18,7 +18,7 @@
 #    every --torch version), expecting the avx2 / baseline CPU path. apt-get install qemu-user.
 #
 # Everything is written under --out (default: dist/wheel-check); venvs go to a temporary directory
-# removed at exit (kept with --keep). Exit status 0 only when every step passes. Takes ~10-15 min
+# removed at exit (kept with --keep). Exit status 0 only when every step passes. Takes ~6-15 min
 # on 2 cores (the CUDA build of torch 2.14.1 is ~5.5 GB to install; the emulated runs are slow).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -100,12 +100,12 @@ mkdir -p "$WORK/unzipped"
 "$VENV_PY" -m zipfile -e "$WHEEL" "$WORK/unzipped"
 for so in "$WORK"/unzipped/fastgen/_C*.so; do
   n_undef=$(nm -D --undefined-only "$so" | wc -l)
-  bad=$(nm -D --undefined-only -C "$so" | grep -E '(at|c10)::' || true)
+  bad=$(nm -D --undefined-only -C "$so" | grep -E '\b(at|c10|torch|caffe2)::' || true)
   n_bad=$(printf '%s' "$bad" | grep -c . || true)
-  echo "$(basename "$so"): $n_undef undefined symbols, $n_bad at::/c10::"
+  echo "$(basename "$so"): $n_undef undefined symbols, $n_bad at::/c10::/torch::/caffe2::"
   echo "  of which stable C shim (aoti_torch_* / torch_*): $(nm -D --undefined-only "$so" | grep -cE ' (aoti_torch|torch)_')"
-  if [ "$n_bad" = 0 ]; then record ok "nm $(basename "$so"): $n_undef undefined, 0 at::/c10::"
-  else echo "$bad" | head -20; record FAIL "nm $(basename "$so"): $n_bad at::/c10:: symbols"; fi
+  if [ "$n_bad" = 0 ]; then record ok "nm $(basename "$so"): $n_undef undefined, 0 at::/c10::/torch::/caffe2::"
+  else echo "$bad" | head -20; record FAIL "nm $(basename "$so"): $n_bad libtorch C++ symbols"; fi
 done
 cp "$WHEEL" "$OUT/"
 

@@ -13,7 +13,8 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, chunk: int | None
     exactly as float64). Returns (dist2 float64 [.., N, k] ascending, index int64 [.., N, k]);
     ties go to the lowest key index (a stable sort of the distances in index order).
     Memory: the [rows, M] distance block plus a [rows, keys, D] difference block of at most
-    2^24 elements (``chunk`` forces the number of query rows per block). For tests, not speed.
+    2^24 elements (``chunk`` forces the number of query rows per block), then the [.., N, k, D]
+    differences at the chosen neighbours (the differentiable dist2). For tests, not speed.
 
     dist2 is differentiable w.r.t. query and key (any order, forward and reverse mode, as
     :func:`neighbour_dist2` at the returned indices): the reference of fastgen.knn's derivatives.
@@ -27,7 +28,6 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, chunk: int | None
     M = kk.shape[1]
     rows = chunk or max(1, min(N, _ELEMS // max(1, M * D), _ELEMS // max(1, M)))
     keys = max(1, min(M, _ELEMS // max(1, rows * D)))
-    d_out = torch.empty(B, N, k, dtype=torch.float64, device=q.device)
     i_out = torch.empty(B, N, k, dtype=torch.int64, device=q.device)
     for b in range(B):
         for s in range(0, N, rows):
@@ -38,9 +38,7 @@ def knn(query: torch.Tensor, key: torch.Tensor, k: int = 1, *, chunk: int | None
                 diff = q[b, s:e, None, :] - kk[b, None, m0:m1, :]
                 d[:, m0:m1] = (diff * diff).sum(-1)
             # stable sort of the distances (columns in index order): ties -> lowest index
-            order = torch.sort(d, dim=1, stable=True).indices[:, :k]
-            d_out[b, s:e] = torch.gather(d, 1, order)
-            i_out[b, s:e] = order
+            i_out[b, s:e] = torch.sort(d, dim=1, stable=True).indices[:, :k]
     # the same float64 values, recomputed differentiably at the chosen neighbours
     q64, k64 = query.to(torch.float64), key.to(torch.float64)
     d_out = neighbour_dist2(q64[None] if squeeze else q64, k64[None] if squeeze else k64, i_out)
