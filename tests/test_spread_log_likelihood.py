@@ -11,7 +11,7 @@ import fastgen
 from fastgen._dispatch import use_backend
 from fastgen.reference.spread_log_likelihood import spread_log_likelihood_reference as reference
 
-from conftest import backends_for, has_ext_kernel
+from conftest import GRAD_FLAGS, backends_for, has_ext_kernel
 
 BACKENDS = backends_for("spread_log_likelihood")
 KINDS = ("gaussian", "laplace")
@@ -194,8 +194,7 @@ def test_gradcheck_gradgradcheck_all_flags(backend, kind, sd):
     f = _f(backend, kind)
     inputs = tuple(a.requires_grad_() for a in _func_inputs(sd))
     fast = backend == "triton" and not torch.cuda.is_available()  # the interpreter: fewer evaluations
-    assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True, check_backward_ad=True, check_batched_grad=True,
-                                    check_batched_forward_grad=True, fast_mode=fast)
+    assert torch.autograd.gradcheck(f, inputs, **GRAD_FLAGS, fast_mode=fast)
     assert torch.autograd.gradgradcheck(f, inputs, check_fwd_over_rev=True, check_batched_grad=True, fast_mode=fast)
 
 
